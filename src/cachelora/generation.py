@@ -1,0 +1,143 @@
+"""Triplet generation: the offline lexicon backend, and the dispatch to a backend by params."""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from cachelora.lexicon import Lexicon, Topic, load_lexicon
+from cachelora.params import Params
+from cachelora.records import normalise, stable_id, write_jsonl
+
+log = logging.getLogger(__name__)
+
+MAX_TRIES = 50
+
+
+def make_record(
+    domain: str,
+    anchor: str,
+    positive: str,
+    negative: str,
+    source_id: str,
+    generator: dict[str, Any],
+    **provenance: Any,
+) -> dict[str, Any]:
+    """A triplet record as DESIGN.md describes it; ``id`` is a hash of its texts."""
+    return {
+        "id": stable_id(domain, anchor, positive, negative),
+        "domain": domain,
+        "anchor": anchor,
+        "positive": positive,
+        "negative": negative,
+        "source_id": source_id,
+        "generator": generator,
+        **provenance,
+    }
+
+
+def concept_id(domain: str, topic: str, aspect: str) -> str:
+    """The id of an original query in the offline backend: one (topic, aspect) question."""
+    return stable_id(domain, topic, aspect)
+
+
+def render(template: str, surface: str) -> str:
+    """Fill a template's ``{topic}`` with a topic name or alias."""
+    return template.replace("{topic}", surface)
+
+
+class OfflineGenerator:
+    """Deterministic triplets from a lexicon.
+
+    Anchor and positive are two phrasings of one (topic, aspect): different templates and,
+    where the topic has aliases, different names. The negative keeps the topic and changes the
+    aspect, or (a ``sibling_fraction`` share) keeps the aspect and changes to a sibling topic.
+    """
+
+    def __init__(self, lexicon: Lexicon, seed: int, sibling_fraction: float) -> None:
+        self.lexicon = lexicon
+        self.rng = random.Random(f"{seed}:{lexicon.domain}")
+        self.sibling_fraction = sibling_fraction
+        self.concepts = [(t, a) for t in lexicon.topics for a in lexicon.aspects_of(t)]
+        self.generator = {"backend": "offline", "model": None, "prompt_version": None}
+
+    def _siblings(self, topic: Topic, aspect: str) -> list[Topic]:
+        others = [t for t in self.lexicon.topics if t is not topic and aspect in self.lexicon.aspects_of(t)]
+        same_group = [t for t in others if topic.group is not None and t.group == topic.group]
+        return same_group or others
+
+    def _phrase(self, topic: Topic, aspect: str, avoid: tuple[str, str] | None = None) -> tuple[str, str]:
+        """Pick (template, surface), different from ``avoid`` in both where the lexicon allows."""
+        templates = list(self.lexicon.aspects[aspect].templates)
+        surfaces = list(topic.surfaces)
+        if avoid is not None:
+            templates = [t for t in templates if t != avoid[0]] or templates
+            surfaces = [s for s in surfaces if s != avoid[1]] or surfaces
+        return self.rng.choice(templates), self.rng.choice(surfaces)
+
+    def triplet(self, topic: Topic, aspect: str) -> dict[str, Any]:
+        """One triplet whose positive asks about (topic, aspect)."""
+        pos = self._phrase(topic, aspect)
+        anc = self._phrase(topic, aspect, avoid=pos)
+        siblings = self._siblings(topic, aspect)
+        if siblings and self.rng.random() < self.sibling_fraction:
+            neg_topic, neg_aspect = self.rng.choice(siblings), aspect
+        else:
+            neg_topic = topic
+            neg_aspect = self.rng.choice([a for a in self.lexicon.aspects_of(topic) if a != aspect])
+        neg = self._phrase(neg_topic, neg_aspect)
+        domain = self.lexicon.domain
+        return make_record(
+            domain,
+            anchor=render(*anc),
+            positive=render(*pos),
+            negative=render(*neg),
+            source_id=concept_id(domain, topic.name, aspect),
+            generator=self.generator,
+            topic=topic.name,
+            aspect=aspect,
+            negative_source_id=concept_id(domain, neg_topic.name, neg_aspect),
+            negative_topic=neg_topic.name,
+            negative_aspect=neg_aspect,
+        )
+
+    def generate(self, count: int) -> list[dict[str, Any]]:
+        """``count`` distinct triplets, cycling through every (topic, aspect) in a seeded order."""
+        rows: list[dict[str, Any]] = []
+        seen: set[tuple[str, str, str]] = set()
+        order: list[tuple[Topic, str]] = []
+        with tqdm(total=count, desc=f"generate {self.lexicon.domain}", unit="triplet") as bar:
+            for _ in range(count * MAX_TRIES):
+                if len(rows) == count:
+                    break
+                if not order:
+                    order = self.rng.sample(self.concepts, len(self.concepts))
+                row = self.triplet(*order.pop())
+                key = (normalise(row["anchor"]), normalise(row["positive"]), normalise(row["negative"]))
+                if key in seen:
+                    continue
+                seen.add(key)
+                rows.append(row)
+                bar.update()
+        if len(rows) < count:
+            log.warning("%s: lexicon yields only %d distinct triplets of %d asked", self.lexicon.domain, len(rows), count)
+        return rows
+
+
+def generate_domain(params: Params, domain: str, out: str | Path, seed_dir: str | Path) -> int:
+    """Generate ``domain``'s triplets with the backend params name; return the row count."""
+    params.check_domain(domain)
+    gen = params.generate
+    lexicon = load_lexicon(domain, seed_dir)
+    if gen.backend == "offline":
+        rows = OfflineGenerator(lexicon, gen.seed, gen.sibling_negative_fraction).generate(gen.triplets_per_domain)
+    else:
+        from cachelora.llm_generation import generate_with_llm
+
+        rows = generate_with_llm(params, lexicon)
+    log.info("%s: writing %d triplets to %s", domain, len(rows), out)
+    return write_jsonl(out, rows)

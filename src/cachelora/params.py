@@ -1,0 +1,105 @@
+"""``params.yaml``: loaded once, checked against a schema, errors name the key at fault."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cachelora.errors import CacheloraError, from_validation
+
+PARAMS_FILE = Path("params.yaml")
+MULTI = "multi"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class OpenAIParams(_Strict):
+    base_url: str = "http://127.0.0.1:8000/v1"
+    model: str = "gpt-4o-mini"
+    api_key_env: str = "OPENAI_API_KEY"
+    prompt_version: str = "v1"
+    concurrency: int = Field(4, ge=1)
+    timeout: float = Field(60.0, gt=0)
+    retries: int = Field(4, ge=0)
+    temperature: float = Field(0.7, ge=0)
+    queries_per_domain: int = Field(200, ge=1)
+    cache_dir: str = "data/llm_cache"
+
+
+class GenerateParams(_Strict):
+    backend: Literal["offline", "openai"] = "offline"
+    seed: int = 42
+    triplets_per_domain: int = Field(1200, ge=1)
+    sibling_negative_fraction: float = Field(0.2, ge=0, le=1)
+    queries_file: str | None = None
+    openai: OpenAIParams = OpenAIParams()
+
+
+class ValidateParams(_Strict):
+    min_rows: int = Field(100, ge=0)
+    max_bad_fraction: float = Field(0.1, ge=0, le=1)
+    min_chars: int = Field(8, ge=1)
+    max_chars: int = Field(300, ge=1)
+    max_neg_sim: float = Field(0.95, ge=-1, le=1)
+    batch_size: int = Field(128, ge=1)
+
+
+class SplitParams(_Strict):
+    seed: int = 42
+    train: float = Field(0.7, ge=0, le=1)
+    val: float = Field(0.15, ge=0, le=1)
+    test: float = Field(0.15, ge=0, le=1)
+    group_by: Literal["topic", "source_id"] = "topic"
+
+    @model_validator(mode="after")
+    def _fractions_sum_to_one(self) -> SplitParams:
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + val + test must sum to 1 (got {total:g})")
+        return self
+
+
+class Params(_Strict):
+    domains: list[str] = Field(min_length=1)
+    train_models: list[str]
+    base_model: str = "all-MiniLM-L6-v2"
+    generate: GenerateParams = GenerateParams()
+    validate_: ValidateParams = Field(ValidateParams(), alias="validate")
+    split: SplitParams = SplitParams()
+
+    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _train_models_cover_domains(self) -> Params:
+        if len(set(self.domains)) != len(self.domains):
+            raise ValueError("domains: listed twice")
+        expected = [*self.domains, MULTI]
+        if self.train_models != expected:
+            raise ValueError(f"train_models must be the domains followed by '{MULTI}': {expected}")
+        return self
+
+    def check_domain(self, domain: str) -> str:
+        """Return ``domain`` if params list it, else fail naming the key."""
+        if domain not in self.domains:
+            raise CacheloraError(f"{PARAMS_FILE}: domains: unknown domain '{domain}' (have {self.domains})")
+        return domain
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    """Load and check ``params.yaml``; the first problem is reported as ``file: key: message``."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise CacheloraError(f"{path}: file not found") from None
+    except yaml.YAMLError as exc:
+        raise CacheloraError(f"{path}: malformed YAML ({exc})".replace("\n", " ")) from None
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise from_validation(path, exc) from None

@@ -1,0 +1,37 @@
+"""Where each artifact lives, relative to the repo root (dvc.yaml names the same paths)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+SEED_DIR = Path("data/seed")
+METRICS_DIR = Path("metrics")
+MODELS_DIR = Path("models")
+
+
+def triplets(domain: str) -> Path:
+    return Path("data/triplets") / f"{domain}.jsonl"
+
+
+def validated(domain: str) -> Path:
+    return Path("data/validated") / f"{domain}.jsonl"
+
+
+def quarantine(domain: str) -> Path:
+    return Path("data/quarantine") / f"{domain}.jsonl"
+
+
+def split_dir(domain: str) -> Path:
+    return Path("data/splits") / domain
+
+
+def split_file(domain: str, split: str) -> Path:
+    return split_dir(domain) / f"{split}.jsonl"
+
+
+def stage_metrics(stage: str, name: str) -> Path:
+    return METRICS_DIR / stage / f"{name}.json"
+
+
+def model_dir(name: str) -> Path:
+    return MODELS_DIR / name

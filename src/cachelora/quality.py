@@ -1,0 +1,156 @@
+"""Quality gate for triplets with Great Expectations: row failures go to quarantine with reasons."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cachelora.errors import CacheloraError
+from cachelora.params import ValidateParams
+from cachelora.records import TEXT_FIELDS, normalise
+
+log = logging.getLogger(__name__)
+
+REQUIRED = ("id", "domain", *TEXT_FIELDS, "source_id")
+PLACEHOLDER_RE = (
+    r"(?i)\{[^}]*\}|<[a-z_ ]+>|\[(?:insert|placeholder|query|text)[^\]]*\]"
+    r"|lorem ipsum|\bTODO\b|\bTBD\b|\bFIXME\b|^\s*n/?a\s*$|\.\.\.\s*$|^\s*(?:paraphrase|negative|query)\s*\d*\s*:"
+)
+
+
+@dataclass
+class QualityReport:
+    """Rows that passed, rows quarantined (each with ``reasons``), and the counts."""
+
+    passed: list[dict[str, Any]]
+    quarantined: list[dict[str, Any]]
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def _frame(rows: list[dict[str, Any]], neg_sim: np.ndarray) -> pd.DataFrame:
+    """The columns the expectations read: texts (non-strings as null), normalised forms, flags."""
+    columns: dict[str, list[Any]] = {key: [r.get(key) for r in rows] for key in REQUIRED}
+    for key in TEXT_FIELDS:
+        columns[key] = [v if isinstance(v, str) else None for v in columns[key]]
+        columns[f"{key}_norm"] = [normalise(v) if v else None for v in columns[key]]
+    triplets = pd.Series(list(zip(*(columns[f"{k}_norm"] for k in TEXT_FIELDS), strict=True)))
+    columns["repeats_earlier_row"] = triplets.duplicated(keep="first").tolist()
+    df = pd.DataFrame(columns, dtype=object)
+    df["neg_sim"] = neg_sim
+    return df
+
+
+def _row_suite(params: ValidateParams, domain: str):  # noqa: ANN202
+    import great_expectations as gx
+    import great_expectations.expectations as gxe
+
+    def named(reason: str, expectation):  # noqa: ANN001, ANN202
+        expectation.meta = {"reason": reason}
+        return expectation
+
+    suite = gx.ExpectationSuite(name=f"triplets_{domain}")
+    for key in REQUIRED:
+        suite.add_expectation(named(f"missing:{key}", gxe.ExpectColumnValuesToNotBeNull(column=key)))
+    for key in TEXT_FIELDS:
+        suite.add_expectation(
+            named(
+                f"length:{key}",
+                gxe.ExpectColumnValueLengthsToBeBetween(
+                    column=key, min_value=params.min_chars, max_value=params.max_chars
+                ),
+            )
+        )
+        suite.add_expectation(
+            named(f"placeholder:{key}", gxe.ExpectColumnValuesToNotMatchRegex(column=key, regex=PLACEHOLDER_RE))
+        )
+    suite.add_expectation(
+        named(
+            "texts_not_distinct",
+            gxe.ExpectSelectColumnValuesToBeUniqueWithinRecord(column_list=[f"{k}_norm" for k in TEXT_FIELDS]),
+        )
+    )
+    suite.add_expectation(
+        named("duplicate_triplet", gxe.ExpectColumnValuesToBeInSet(column="repeats_earlier_row", value_set=[False]))
+    )
+    suite.add_expectation(named("wrong_domain", gxe.ExpectColumnValuesToBeInSet(column="domain", value_set=[domain])))
+    suite.add_expectation(
+        named("negative_near_paraphrase", gxe.ExpectColumnValuesToBeBetween(column="neg_sim", max_value=params.max_neg_sim))
+    )
+    return suite
+
+
+def _validate(df: pd.DataFrame, params: ValidateParams, domain: str) -> list:
+    """Run the row suite in an ephemeral GX context (nothing written to disk, no progress bars)."""
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    suite = _row_suite(params, domain)
+    asset = context.data_sources.add_pandas("triplets").add_dataframe_asset("rows")
+    batch = asset.add_batch_definition_whole_dataframe("all").get_batch(batch_parameters={"dataframe": df})
+    return batch.validate(suite, result_format="COMPLETE").results
+
+
+def negative_similarity(rows: list[dict[str, Any]], model, batch_size: int) -> np.ndarray:  # noqa: ANN001
+    """cos(anchor, negative) under the base model for each row (NaN where a text is missing)."""
+    from cachelora.base_model import encode_unique
+
+    pairs = [(r.get("anchor"), r.get("negative")) for r in rows]
+    usable = {i: (a, n) for i, (a, n) in enumerate(pairs) if isinstance(a, str) and isinstance(n, str) and a and n}
+    vectors = encode_unique(model, [t for pair in usable.values() for t in pair], batch_size, desc="negative check")
+    sims = np.full(len(rows), np.nan)
+    for i, (a, n) in usable.items():
+        sims[i] = float(np.dot(vectors[a], vectors[n]))
+    return sims
+
+
+def check_triplets(
+    rows: list[dict[str, Any]], params: ValidateParams, domain: str, neg_sim: np.ndarray, source: str
+) -> QualityReport:
+    """Run the row expectations, split rows into passed/quarantined, then the dataset checks."""
+    if not rows:
+        raise CacheloraError(f"{source}: no rows to validate")
+    df = _frame(rows, neg_sim)
+    reasons: list[list[str]] = [[] for _ in rows]
+    failed: dict[str, int] = {}
+    for result in _validate(df, params, domain):
+        reason = result.expectation_config.meta["reason"]
+        if result.exception_info and result.exception_info.get("raised_exception"):
+            raise CacheloraError(f"{source}: expectation {reason} could not run: {result.exception_info['exception_message']}")
+        bad = result.result.get("unexpected_index_list") or []
+        if bad:
+            failed[reason] = len(bad)
+        for index in bad:
+            reasons[index].append(reason)
+
+    passed = [row for row, why in zip(rows, reasons, strict=True) if not why]
+    quarantined = [{**row, "reasons": why} for row, why in zip(rows, reasons, strict=True) if why]
+    metrics = {
+        "rows_in": len(rows),
+        "passed": len(passed),
+        "quarantined": len(quarantined),
+        "quarantined_fraction": round(len(quarantined) / len(rows), 6),
+        "failed_expectations": dict(sorted(failed.items())),
+    }
+    if np.isfinite(neg_sim).any():
+        metrics["negative_similarity"] = {
+            "mean": round(float(np.nanmean(neg_sim)), 6),
+            "max": round(float(np.nanmax(neg_sim)), 6),
+        }
+    problems = []
+    if len(passed) < params.min_rows:
+        problems.append(f"passed rows {len(passed)} < validate.min_rows {params.min_rows}")
+    if metrics["quarantined_fraction"] > params.max_bad_fraction:
+        problems.append(
+            f"quarantined share {metrics['quarantined_fraction']:.3f} > validate.max_bad_fraction {params.max_bad_fraction}"
+        )
+    if problems:
+        detail = ", ".join(f"{k}={v}" for k, v in sorted(failed.items())) or "none"
+        raise CacheloraError(f"{source}: dataset check failed: {'; '.join(problems)} (failed expectations: {detail})")
+    log.info("%s: %d passed, %d quarantined", source, len(passed), len(quarantined))
+    return QualityReport(passed, quarantined, metrics)

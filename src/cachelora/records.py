@@ -1,0 +1,140 @@
+"""Triplet records and the files that hold them: JSONL/JSON read and atomic write."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from cachelora.errors import CacheloraError
+
+TEXT_FIELDS = ("anchor", "positive", "negative")
+
+
+def normalise(text: str) -> str:
+    """Text as compared for duplicates and leakage: lower case, punctuation and spacing folded."""
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def stable_id(*parts: str, length: int = 16) -> str:
+    """A short hash that depends only on ``parts`` (not on run or platform)."""
+    return hashlib.sha256("\x1f".join(parts).encode("utf-8")).hexdigest()[:length]
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temp path beside ``path``; rename it into place only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a temp directory beside ``path``; it replaces ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Write pretty, key-sorted JSON atomically."""
+    write_text(path, json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    """Read a JSON file; a missing or malformed file is a one-line error."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CacheloraError(f"{path}: file not found") from None
+    except json.JSONDecodeError as exc:
+        raise CacheloraError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
+    """Write one JSON object a line, atomically; return the number of rows."""
+    count = 0
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
+            count += 1
+    return count
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Read JSONL; blank lines are skipped, a malformed line is an error naming file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise CacheloraError(f"{path}: file not found")
+    rows = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise CacheloraError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise CacheloraError(f"{path}:{lineno}: expected a JSON object")
+            rows.append(row)
+    return rows
+
+
+def read_triplets(path: str | Path, required: Iterable[str] = TEXT_FIELDS) -> list[dict[str, Any]]:
+    """Read triplet JSONL, checking that every row has non-empty string ``required`` fields."""
+    rows = read_jsonl(path)
+    lineno = 0
+    for lineno, row in enumerate(rows, 1):
+        for key in required:
+            value = row.get(key)
+            if not isinstance(value, str) or not value.strip():
+                problem = "missing field" if key not in row else "empty or non-string field"
+                raise CacheloraError(f"{path}: row {lineno}: {problem} '{key}'")
+    return rows
+
+
+def file_md5(path: str | Path) -> str:
+    """md5 of a file's bytes (as DVC records it)."""
+    return _file_hash(path, hashlib.md5())
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes."""
+    return _file_hash(path, hashlib.sha256())
+
+
+def _file_hash(path: str | Path, digest: Any) -> str:
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,60 @@
+import numpy as np
+import pytest
+
+from cachelora.errors import CacheloraError
+from cachelora.generation import OfflineGenerator
+from cachelora.lexicon import load_lexicon
+from cachelora.quality import check_triplets
+from tests.conftest import tiny_params
+
+PARAMS = tiny_params().validate_
+
+
+@pytest.fixture
+def rows(seed_dir):
+    return OfflineGenerator(load_lexicon("medical", seed_dir), 1, 0.25).generate(50)
+
+
+def sims(rows, value=0.3):
+    return np.full(len(rows), value)
+
+
+def test_clean_rows_all_pass(rows):
+    report = check_triplets(rows, PARAMS, "medical", sims(rows), "x.jsonl")
+    assert (report.metrics["passed"], report.metrics["quarantined"]) == (50, 0)
+
+
+def test_bad_rows_are_quarantined_with_reasons_and_nothing_is_lost(rows):
+    bad = [dict(r) for r in rows[:6]]
+    bad[0]["negative"] = bad[0]["anchor"].upper()                 # anchor == negative (after normalising)
+    bad[1]["anchor"] = "What is {topic}?"                          # placeholder
+    bad[2]["positive"] = "ok?"                                     # too short
+    del bad[3]["negative"]                                         # missing field
+    bad[4]["domain"] = "law"                                       # wrong domain
+    bad[5] = dict(rows[10])                                        # duplicate of an earlier row
+    data = rows + bad
+    neg = sims(data)
+    neg[7] = 0.99                                                  # near-paraphrase negative
+    report = check_triplets(data, PARAMS, "medical", neg, "x.jsonl")
+    assert len(report.passed) + len(report.quarantined) == len(data)
+    reasons = {q["anchor"]: q["reasons"] for q in report.quarantined}
+    assert reasons[bad[0]["anchor"]] == ["texts_not_distinct"]
+    assert reasons["What is {topic}?"] == ["placeholder:anchor"]
+    assert reasons[bad[2]["anchor"]] == ["length:positive"]
+    assert "missing:negative" in reasons[bad[3]["anchor"]]
+    assert "wrong_domain" in reasons[bad[4]["anchor"]]
+    assert "duplicate_triplet" in reasons[bad[5]["anchor"]]
+    assert reasons[data[7]["anchor"]] == ["negative_near_paraphrase"]
+    assert report.metrics["quarantined"] == 7
+    assert report.metrics["failed_expectations"]["duplicate_triplet"] == 2  # bad[4] repeats rows[4] too
+
+
+def test_too_many_bad_rows_fail_the_dataset_listing_expectations(rows):
+    data = [dict(r, domain="law") for r in rows[:20]] + rows[20:]
+    with pytest.raises(CacheloraError, match=r"x.jsonl: dataset check failed: quarantined share 0.400.*wrong_domain=20"):
+        check_triplets(data, PARAMS, "medical", sims(data), "x.jsonl")
+
+
+def test_too_few_rows_fail(rows):
+    with pytest.raises(CacheloraError, match=r"passed rows 5 < validate.min_rows 10"):
+        check_triplets(rows[:5], PARAMS, "medical", sims(rows[:5]), "x.jsonl")
