@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 export DVC_NO_ANALYTICS := 1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: install repro test lint bench s3-local clean-venv
 
