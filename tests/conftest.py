@@ -20,12 +20,23 @@ TINY_LEXICON = {
         {"name": "epilepsy", "aliases": ["seizure disorder"], "group": "brain"},
     ],
     "aspects": {
-        "symptoms": {"templates": ["What are the symptoms of {topic}?", "how do i know if i have {topic}",
-                                   "{topic} warning signs in adults"]},
-        "treatment": {"templates": ["How is {topic} treated?", "best treatment options for {topic}",
-                                    "what do doctors prescribe for {topic}"]},
-        "causes": {"templates": ["What causes {topic}?", "why do people get {topic}",
-                                 "main causes of {topic} explained"]},
+        "symptoms": {
+            "templates": [
+                "What are the symptoms of {topic}?",
+                "how do i know if i have {topic}",
+                "{topic} warning signs in adults",
+            ]
+        },
+        "treatment": {
+            "templates": [
+                "How is {topic} treated?",
+                "best treatment options for {topic}",
+                "what do doctors prescribe for {topic}",
+            ]
+        },
+        "causes": {
+            "templates": ["What causes {topic}?", "why do people get {topic}", "main causes of {topic} explained"]
+        },
     },
 }
 
@@ -50,3 +61,34 @@ def seed_dir(tmp_path: Path) -> Path:
     folder.mkdir(parents=True)
     (folder / "medical.yaml").write_text(yaml.safe_dump(TINY_LEXICON), encoding="utf-8")
     return folder
+
+
+def tiny_model_params(**train: object) -> Params:
+    """tiny_params with a few fast training steps."""
+    return tiny_params(
+        train={"lr": 1e-3, "batch_size": 8, "epochs": 1, "max_seq_length": 24, "seed": 3, "device": "cpu", **train},
+        lora={"rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["query", "value"]},
+    )
+
+
+def tiny_rows(count: int = 40, seed: int = 1) -> list[dict]:
+    """Offline triplets from the tiny lexicon (no files needed)."""
+    from cachelora.generation import OfflineGenerator
+    from cachelora.lexicon import Lexicon
+
+    return OfflineGenerator(Lexicon.model_validate(TINY_LEXICON), seed, 0.25).generate(count)
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny adapter trained and saved once for the whole session (read-only for tests)."""
+    from cachelora.adapters import save_adapter
+    from cachelora.records import write_jsonl
+    from cachelora.training import train_model
+
+    root = tmp_path_factory.mktemp("adapter")
+    train_file = root / "train.jsonl"
+    write_jsonl(train_file, tiny_rows())
+    trained = train_model("medical", tiny_model_params(), [train_file])
+    save_adapter(trained.model, root / "medical", "all-MiniLM-L6-v2", trained.info, trained.probe)
+    return root / "medical"

@@ -30,8 +30,10 @@ def write(seed_dir, data):
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
-        (lambda d: d["aspects"]["symptoms"].update(templates=["no placeholder here", "{topic}?"]),
-         r"aspects.symptoms.templates: template 0 must contain \{topic\}"),
+        (
+            lambda d: d["aspects"]["symptoms"].update(templates=["no placeholder here", "{topic}?"]),
+            r"aspects.symptoms.templates: template 0 must contain \{topic\}",
+        ),
         (lambda d: d.update(aspects={}), r"aspects: .*at least 2"),
         (lambda d: d.update(topics=[]), r"topics: .*at least 2"),
         (lambda d: d["topics"][1].update(name="Hypertension"), r"topics.1.name: 'Hypertension' is listed twice"),

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -6,7 +8,7 @@ from cachelora.params import load_params
 
 
 def write(tmp_path, **changes):
-    raw = yaml.safe_load(open("params.yaml"))
+    raw = yaml.safe_load(Path("params.yaml").read_text())
     for dotted, value in changes.items():
         node = raw
         *parents, leaf = dotted.split("__")

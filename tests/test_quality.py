@@ -26,15 +26,15 @@ def test_clean_rows_all_pass(rows):
 
 def test_bad_rows_are_quarantined_with_reasons_and_nothing_is_lost(rows):
     bad = [dict(r) for r in rows[:6]]
-    bad[0]["negative"] = bad[0]["anchor"].upper()                 # anchor == negative (after normalising)
-    bad[1]["anchor"] = "What is {topic}?"                          # placeholder
-    bad[2]["positive"] = "ok?"                                     # too short
-    del bad[3]["negative"]                                         # missing field
-    bad[4]["domain"] = "law"                                       # wrong domain
-    bad[5] = dict(rows[10])                                        # duplicate of an earlier row
+    bad[0]["negative"] = bad[0]["anchor"].upper()  # anchor == negative (after normalising)
+    bad[1]["anchor"] = "What is {topic}?"  # placeholder
+    bad[2]["positive"] = "ok?"  # too short
+    del bad[3]["negative"]  # missing field
+    bad[4]["domain"] = "law"  # wrong domain
+    bad[5] = dict(rows[10])  # duplicate of an earlier row
     data = rows + bad
     neg = sims(data)
-    neg[7] = 0.99                                                  # near-paraphrase negative
+    neg[7] = 0.99  # near-paraphrase negative
     report = check_triplets(data, PARAMS, "medical", neg, "x.jsonl")
     assert len(report.passed) + len(report.quarantined) == len(data)
     reasons = {q["anchor"]: q["reasons"] for q in report.quarantined}
@@ -51,7 +51,9 @@ def test_bad_rows_are_quarantined_with_reasons_and_nothing_is_lost(rows):
 
 def test_too_many_bad_rows_fail_the_dataset_listing_expectations(rows):
     data = [dict(r, domain="law") for r in rows[:20]] + rows[20:]
-    with pytest.raises(CacheloraError, match=r"x.jsonl: dataset check failed: quarantined share 0.400.*wrong_domain=20"):
+    with pytest.raises(
+        CacheloraError, match=r"x.jsonl: dataset check failed: quarantined share 0.400.*wrong_domain=20"
+    ):
         check_triplets(data, PARAMS, "medical", sims(data), "x.jsonl")
 
 

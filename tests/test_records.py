@@ -29,8 +29,12 @@ def test_malformed_line_names_file_and_line(tmp_path):
 
 def test_missing_field_names_row_and_key(tmp_path):
     path = tmp_path / "t.jsonl"
-    path.write_text(json.dumps({"anchor": "a", "positive": "p", "negative": "n"}) + "\n"
-                    + json.dumps({"anchor": "a", "positive": "p"}) + "\n")
+    path.write_text(
+        json.dumps({"anchor": "a", "positive": "p", "negative": "n"})
+        + "\n"
+        + json.dumps({"anchor": "a", "positive": "p"})
+        + "\n"
+    )
     with pytest.raises(CacheloraError, match=r"t.jsonl: row 2: missing field 'negative'"):
         read_triplets(path)
 

@@ -33,8 +33,11 @@ def test_no_test_text_in_train_and_nothing_duplicated(rows):
 def test_sibling_negatives_crossing_splits_are_dropped_from_train(rows):
     splits, metrics = split_rows(rows, SPLIT, "medical")
     test_texts = texts_of(splits["test"])
-    crossing = [r for r in rows if r["topic"] not in {t["topic"] for t in splits["test"]}
-                and normalise(r["negative"]) in test_texts]
+    crossing = [
+        r
+        for r in rows
+        if r["topic"] not in {t["topic"] for t in splits["test"]} and normalise(r["negative"]) in test_texts
+    ]
     assert metrics["dropped_overlap"]["train"] + metrics["dropped_overlap"]["val"] >= len(crossing) > 0
 
 
@@ -45,8 +48,15 @@ def test_seeded(rows):
 
 
 def test_user_rows_group_by_source_id_when_no_topic():
-    rows = [{"anchor": f"question {i} variant a", "positive": f"question {i} original",
-             "negative": f"other question {i}", "source_id": f"s{i % 10}"} for i in range(40)]
+    rows = [
+        {
+            "anchor": f"question {i} variant a",
+            "positive": f"question {i} original",
+            "negative": f"other question {i}",
+            "source_id": f"s{i % 10}",
+        }
+        for i in range(40)
+    ]
     splits, metrics = split_rows(rows, SPLIT, "user")
     assert metrics["leakage"] == 0
     ids = {name: {r["source_id"] for r in part} for name, part in splits.items()}

@@ -62,7 +62,7 @@ def pick_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_base(name: str, device: str = "cpu", max_seq_length: int | None = None):  # noqa: ANN201
+def load_base(name: str, device: str = "cpu", max_seq_length: int | None = None):
     """Load the base SentenceTransformer from its resolved location."""
     from sentence_transformers import SentenceTransformer
 
@@ -77,7 +77,7 @@ def load_base(name: str, device: str = "cpu", max_seq_length: int | None = None)
     return model
 
 
-def encode_unique(model, texts: list[str], batch_size: int = 128, desc: str = "encode") -> dict[str, np.ndarray]:  # noqa: ANN001
+def encode_unique(model, texts: list[str], batch_size: int = 128, desc: str = "encode") -> dict[str, np.ndarray]:
     """Embed each distinct text once (normalised vectors); returns text -> vector."""
     distinct = sorted(set(texts), key=len)
     vectors = model.encode(

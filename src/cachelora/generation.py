@@ -124,7 +124,9 @@ class OfflineGenerator:
                 rows.append(row)
                 bar.update()
         if len(rows) < count:
-            log.warning("%s: lexicon yields only %d distinct triplets of %d asked", self.lexicon.domain, len(rows), count)
+            log.warning(
+                "%s: lexicon yields only %d distinct triplets of %d asked", self.lexicon.domain, len(rows), count
+            )
         return rows
 
 

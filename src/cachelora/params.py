@@ -64,6 +64,52 @@ class SplitParams(_Strict):
         return self
 
 
+class LoraParams(_Strict):
+    rank: int = Field(8, gt=0)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    target_modules: list[str] = Field(["query", "key", "value"], min_length=1)
+
+
+class TrainParams(_Strict):
+    lr: float = Field(2e-4, gt=0)
+    batch_size: int = Field(32, ge=2)
+    epochs: float = Field(1, gt=0)
+    warmup: float = Field(0.1, ge=0, lt=1)
+    max_seq_length: int = Field(48, ge=8)
+    temperature: float = Field(0.05, gt=0)
+    seed: int = 42
+    device: str = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    threads: int = Field(0, ge=0)
+
+
+class MergeParams(_Strict):
+    method: Literal[
+        "cat",
+        "linear",
+        "svd",
+        "ties",
+        "ties_svd",
+        "dare_linear",
+        "dare_ties",
+        "dare_linear_svd",
+        "dare_ties_svd",
+        "magnitude_prune",
+        "magnitude_prune_svd",
+    ] = "cat"
+    weights: list[float] | None = None
+    density: float = Field(0.5, gt=0, le=1)
+    seed: int = 42
+
+
+class EvaluateParams(_Strict):
+    target_precision: float = Field(0.9, gt=0, le=1)
+    bootstrap: int = Field(1000, ge=100)
+    seed: int = 42
+    batch_size: int = Field(128, ge=1)
+
+
 class Params(_Strict):
     domains: list[str] = Field(min_length=1)
     train_models: list[str]
@@ -71,8 +117,12 @@ class Params(_Strict):
     generate: GenerateParams = GenerateParams()
     validate_: ValidateParams = Field(ValidateParams(), alias="validate")
     split: SplitParams = SplitParams()
+    lora: LoraParams = LoraParams()
+    train: TrainParams = TrainParams()
+    merge: MergeParams = MergeParams()
+    evaluate: EvaluateParams = EvaluateParams()
 
-    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     @model_validator(mode="after")
     def _train_models_cover_domains(self) -> Params:
@@ -81,7 +131,15 @@ class Params(_Strict):
         expected = [*self.domains, MULTI]
         if self.train_models != expected:
             raise ValueError(f"train_models must be the domains followed by '{MULTI}': {expected}")
+        if self.merge.weights is not None and len(self.merge.weights) != len(self.domains):
+            raise ValueError(f"merge.weights: need one weight per domain ({len(self.domains)})")
         return self
+
+    def check_model(self, name: str) -> str:
+        """Return ``name`` if it is one of ``train_models``, else fail naming the key."""
+        if name not in self.train_models:
+            raise CacheloraError(f"{PARAMS_FILE}: train_models: unknown model '{name}' (have {self.train_models})")
+        return name
 
     def check_domain(self, domain: str) -> str:
         """Return ``domain`` if params list it, else fail naming the key."""

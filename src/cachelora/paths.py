@@ -35,3 +35,7 @@ def stage_metrics(stage: str, name: str) -> Path:
 
 def model_dir(name: str) -> Path:
     return MODELS_DIR / name
+
+
+def loss_plot(name: str) -> Path:
+    return METRICS_DIR / "plots" / "loss" / f"{name}.json"

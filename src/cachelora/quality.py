@@ -44,11 +44,11 @@ def _frame(rows: list[dict[str, Any]], neg_sim: np.ndarray) -> pd.DataFrame:
     return df
 
 
-def _row_suite(params: ValidateParams, domain: str):  # noqa: ANN202
+def _row_suite(params: ValidateParams, domain: str):
     import great_expectations as gx
     import great_expectations.expectations as gxe
 
-    def named(reason: str, expectation):  # noqa: ANN001, ANN202
+    def named(reason: str, expectation):
         expectation.meta = {"reason": reason}
         return expectation
 
@@ -78,7 +78,10 @@ def _row_suite(params: ValidateParams, domain: str):  # noqa: ANN202
     )
     suite.add_expectation(named("wrong_domain", gxe.ExpectColumnValuesToBeInSet(column="domain", value_set=[domain])))
     suite.add_expectation(
-        named("negative_near_paraphrase", gxe.ExpectColumnValuesToBeBetween(column="neg_sim", max_value=params.max_neg_sim))
+        named(
+            "negative_near_paraphrase",
+            gxe.ExpectColumnValuesToBeBetween(column="neg_sim", max_value=params.max_neg_sim),
+        )
     )
     return suite
 
@@ -96,7 +99,7 @@ def _validate(df: pd.DataFrame, params: ValidateParams, domain: str) -> list:
     return batch.validate(suite, result_format="COMPLETE").results
 
 
-def negative_similarity(rows: list[dict[str, Any]], model, batch_size: int) -> np.ndarray:  # noqa: ANN001
+def negative_similarity(rows: list[dict[str, Any]], model, batch_size: int) -> np.ndarray:
     """cos(anchor, negative) under the base model for each row (NaN where a text is missing)."""
     from cachelora.base_model import encode_unique
 
@@ -121,7 +124,9 @@ def check_triplets(
     for result in _validate(df, params, domain):
         reason = result.expectation_config.meta["reason"]
         if result.exception_info and result.exception_info.get("raised_exception"):
-            raise CacheloraError(f"{source}: expectation {reason} could not run: {result.exception_info['exception_message']}")
+            raise CacheloraError(
+                f"{source}: expectation {reason} could not run: {result.exception_info['exception_message']}"
+            )
         bad = result.result.get("unexpected_index_list") or []
         if bad:
             failed[reason] = len(bad)
@@ -146,9 +151,8 @@ def check_triplets(
     if len(passed) < params.min_rows:
         problems.append(f"passed rows {len(passed)} < validate.min_rows {params.min_rows}")
     if metrics["quarantined_fraction"] > params.max_bad_fraction:
-        problems.append(
-            f"quarantined share {metrics['quarantined_fraction']:.3f} > validate.max_bad_fraction {params.max_bad_fraction}"
-        )
+        share = metrics["quarantined_fraction"]
+        problems.append(f"quarantined share {share:.3f} > validate.max_bad_fraction {params.max_bad_fraction}")
     if problems:
         detail = ", ".join(f"{k}={v}" for k, v in sorted(failed.items())) or "none"
         raise CacheloraError(f"{source}: dataset check failed: {'; '.join(problems)} (failed expectations: {detail})")

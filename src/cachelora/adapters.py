@@ -1,0 +1,102 @@
+"""LoRA adapter directories: wrap a base model, save with a reload check, load with a base check."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from sentence_transformers import SentenceTransformer
+
+from cachelora.base_model import load_base, weights_sha256
+from cachelora.errors import CacheloraError
+from cachelora.params import LoraParams
+from cachelora.records import atomic_dir, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+WEIGHTS = "adapter_model.safetensors"
+CONFIG = "adapter_config.json"
+INFO = "training_info.json"
+RELOAD_TOLERANCE = 1e-5
+
+
+def add_lora(model: SentenceTransformer, lora: LoraParams) -> None:
+    """Wrap the model's transformer in a fresh peft LoRA; unknown target modules are named."""
+    from peft import LoraConfig, get_peft_model
+
+    names = {name.rsplit(".", 1)[-1] for name, _ in model[0].model.named_modules()}
+    for target in lora.target_modules:
+        if target not in names:
+            known = ", ".join(sorted(n for n in names if n and not n.isdigit()))
+            raise CacheloraError(f"params.yaml: lora.target_modules: '{target}' matches no module (have: {known})")
+    config = LoraConfig(
+        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules)
+    )
+    model[0].model = get_peft_model(model[0].model, config)
+
+
+def read_info(adapter_dir: str | Path) -> dict[str, Any]:
+    """The adapter's ``training_info.json``, after checking its files are all there."""
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise CacheloraError(f"{adapter_dir}: adapter directory not found")
+    for name in (WEIGHTS, CONFIG, INFO):
+        if not (adapter_dir / name).is_file():
+            raise CacheloraError(f"{adapter_dir / name}: missing from the adapter directory")
+    return read_json(adapter_dir / INFO)
+
+
+def attach_adapter(model: SentenceTransformer, adapter_dir: str | Path) -> None:
+    """Load a saved adapter onto ``model`` (in place); a corrupt file is one clear error."""
+    from peft import PeftModel
+
+    try:
+        model[0].model = PeftModel.from_pretrained(model[0].model, str(adapter_dir))
+    except Exception as exc:  # safetensors, json and peft all raise their own types
+        detail = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+        raise CacheloraError(f"{adapter_dir}: adapter does not load ({detail})") from None
+    model.eval()
+
+
+def load_adapter_model(
+    adapter_dir: str | Path, device: str = "cpu", max_seq_length: int | None = None
+) -> SentenceTransformer:
+    """Base model + adapter; fails if the installed base differs from the one it was trained on."""
+    info = read_info(adapter_dir)
+    base = info["base_model"]
+    actual = weights_sha256(base["name"])
+    if actual != base["sha256"]:
+        raise CacheloraError(
+            f"{Path(adapter_dir) / INFO}: base_model.sha256: adapter was trained on {base['sha256'][:12]}…, "
+            f"installed '{base['name']}' is {actual[:12]}…"
+        )
+    model = load_base(base["name"], device, max_seq_length or info.get("max_seq_length"))
+    attach_adapter(model, adapter_dir)
+    return model
+
+
+def save_adapter(
+    model: SentenceTransformer, out_dir: str | Path, base_name: str, info: dict[str, Any], probe: list[str]
+) -> None:
+    """Write adapter files to a temp dir, reload them onto a fresh base, compare, then rename into place.
+
+    An interrupted or mismatching save leaves no complete-looking adapter behind.
+    """
+    model.eval()
+    with atomic_dir(out_dir) as tmp:
+        model[0].model.save_pretrained(str(tmp), save_embedding_layers=False)
+        (tmp / "README.md").unlink(missing_ok=True)
+        config = read_json(tmp / CONFIG)
+        config["base_model_name_or_path"] = base_name  # not this machine's path: resolved at load time
+        write_json(tmp / CONFIG, config)
+        write_json(tmp / INFO, info)
+        reloaded = load_adapter_model(tmp, device=str(model.device), max_seq_length=model.max_seq_length)
+        with torch.no_grad():
+            expected = model.encode(probe, convert_to_tensor=True, normalize_embeddings=True)
+            actual = reloaded.encode(probe, convert_to_tensor=True, normalize_embeddings=True)
+        diff = float((expected - actual).abs().max())
+        if diff > RELOAD_TOLERANCE:
+            raise CacheloraError(f"{out_dir}: reloaded adapter differs from the trained one (max |Δ| = {diff:.2e})")
+        log.info("saved %s (reload check max |Δ| = %.1e)", out_dir, diff)

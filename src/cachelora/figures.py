@@ -1,0 +1,64 @@
+"""PNG figures people would rather look at than JSON: PR curves and a margin-gain heatmap."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+from cachelora.records import atomic_path
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def pr_curves(curves: dict[str, dict[str, list[float]]], recall_grid: np.ndarray, path: Path) -> None:
+    """One panel per domain, one line per model: interpolated precision against recall."""
+    domains = list(curves)
+    fig, axes = plt.subplots(1, len(domains), figsize=(4.2 * len(domains), 4), squeeze=False)
+    for ax, domain in zip(axes[0], domains, strict=True):
+        for model, precision in curves[domain].items():
+            ax.plot(recall_grid, precision, label=model, linewidth=1.6)
+        ax.set(title=f"{domain} (test)", xlabel="recall", ylabel="precision", ylim=(0.45, 1.01))
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(loc="lower left", fontsize=8)
+    _save(fig, path)
+
+
+def gain_heatmap(metrics: dict[str, dict[str, Any]], domains: list[str], models: list[str], path: Path) -> None:
+    """Model x domain margin gain (% over baseline, test split)."""
+    values = np.array([[metrics[m][d]["margin_gain_pct"] for d in domains] for m in models])
+    fig, ax = plt.subplots(figsize=(1.4 * len(domains) + 2, 0.55 * len(models) + 1.5))
+    limit = max(1.0, float(np.abs(values).max()))
+    image = ax.imshow(values, cmap="RdYlGn", vmin=-limit, vmax=limit, aspect="auto")
+    ax.set_xticks(range(len(domains)), domains)
+    ax.set_yticks(range(len(models)), models)
+    for i in range(len(models)):
+        for j in range(len(domains)):
+            ax.text(j, i, f"{values[i, j]:+.1f}", ha="center", va="center", fontsize=9)
+    ax.set_title("margin gain % over baseline (test)")
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    _save(fig, path)
+
+
+def loss_curves(histories: dict[str, list[dict[str, float]]], path: Path) -> None:
+    """Training loss per step for each adapter."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, history in histories.items():
+        steps = [h["step"] for h in history]
+        losses = np.array([h["loss"] for h in history])
+        window = max(1, len(losses) // 10)
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+        ax.plot(steps[window - 1 :], smooth, label=name)
+    ax.set(xlabel="step", ylabel="MNR loss (moving average)", title="training loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)

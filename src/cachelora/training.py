@@ -1,0 +1,191 @@
+"""LoRA training with MultipleNegativesRankingLoss over (anchor, positive, hard negative).
+
+A plain loop over the sentence-transformers model and loss: texts are tokenised once, batches
+are padded to their own longest text, and no batch holds two rows that would be each other's
+false negatives (same original query, or a text shared between rows).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from sentence_transformers import SentenceTransformer
+from tqdm import tqdm
+
+from cachelora import paths
+from cachelora.adapters import add_lora
+from cachelora.base_model import load_base, pick_device, weights_sha256
+from cachelora.errors import CacheloraError
+from cachelora.params import MULTI, Params
+from cachelora.records import TEXT_FIELDS, file_md5, normalise, read_triplets
+
+log = logging.getLogger(__name__)
+
+
+def training_files(name: str, params: Params) -> list[Path]:
+    """The train splits a model learns from: its domain's, or every domain's for ``multi``."""
+    domains = params.domains if name == MULTI else [params.check_domain(name)]
+    return [paths.split_file(domain, "train") for domain in domains]
+
+
+def load_training_rows(files: list[Path]) -> list[dict[str, Any]]:
+    """Every triplet in ``files``; an empty training set is an error naming the files."""
+    rows = [row for path in files for row in read_triplets(path)]
+    if not rows:
+        raise CacheloraError(f"{', '.join(map(str, files))}: train split is empty")
+    return rows
+
+
+def conflict_keys(row: dict[str, Any]) -> set[str]:
+    """Keys two rows in one batch must not share: their concepts and their texts."""
+    keys = {f"text:{normalise(row[f])}" for f in TEXT_FIELDS}
+    for field in ("source_id", "negative_source_id"):
+        if row.get(field):
+            keys.add(f"concept:{row[field]}")
+    return keys
+
+
+def make_batches(rows: list[dict[str, Any]], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """Shuffle, then fill batches greedily so no two rows in a batch share a conflict key."""
+    order = list(range(len(rows)))
+    rng.shuffle(order)
+    keys = [conflict_keys(row) for row in rows]
+    open_batches: list[tuple[list[int], set[str]]] = []
+    batches: list[list[int]] = []
+    for index in order:
+        for members, used in open_batches:
+            if not keys[index] & used:
+                members.append(index)
+                used |= keys[index]
+                break
+        else:
+            open_batches.append(([index], set(keys[index])))
+        full = [b for b in open_batches if len(b[0]) == batch_size]
+        batches.extend(members for members, _ in full)
+        open_batches = [b for b in open_batches if len(b[0]) < batch_size]
+    batches.extend(members for members, _ in open_batches if len(members) > 1)
+    return batches
+
+
+class Tokenised:
+    """Each distinct text tokenised once; ``batch`` pads a list of texts to its longest."""
+
+    def __init__(self, model: SentenceTransformer, texts: list[str], max_seq_length: int) -> None:
+        self.tokenizer = model.tokenizer
+        distinct = sorted(set(texts))
+        encoded = self.tokenizer(distinct, truncation=True, max_length=max_seq_length)
+        self.features = {text: {key: encoded[key][i] for key in encoded} for i, text in enumerate(distinct)}
+
+    def batch(self, texts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+        padded = self.tokenizer.pad([self.features[t] for t in texts], padding=True, return_tensors="pt")
+        return {key: value.to(device) for key, value in padded.items()}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class TrainedAdapter:
+    """A trained model with its training_info, loss per step, and texts to check a reload on."""
+
+    model: SentenceTransformer
+    info: dict[str, Any]
+    history: list[dict[str, float]]
+    probe: list[str]
+
+
+def train_model(name: str, params: Params, files: list[Path]) -> TrainedAdapter:
+    """Train one LoRA adapter on the triplets in ``files``."""
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    from transformers import get_linear_schedule_with_warmup
+
+    tp = params.train
+    rows = load_training_rows(files)
+    device = pick_device(tp.device)
+    if tp.precision == "fp16" and device == "cpu":
+        raise CacheloraError("params.yaml: train.precision: fp16 needs CUDA; use bf16 or fp32 on CPU")
+    if tp.threads:
+        torch.set_num_threads(tp.threads)
+    seed_everything(tp.seed)
+    model = load_base(params.base_model, device, tp.max_seq_length)
+    add_lora(model, params.lora)
+    loss_fn = MultipleNegativesRankingLoss(model, scale=1.0 / tp.temperature)
+    tokens = Tokenised(model, [row[f] for row in rows for f in TEXT_FIELDS], tp.max_seq_length)
+
+    rng = random.Random(tp.seed)
+    per_epoch = len(make_batches(rows, tp.batch_size, random.Random(tp.seed)))
+    total_steps = max(1, math.ceil(per_epoch * tp.epochs))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=tp.lr)
+    scheduler = get_linear_schedule_with_warmup(optimizer, round(tp.warmup * total_steps), total_steps)
+    autocast = torch.autocast(
+        device_type="cuda" if device.startswith("cuda") else "cpu",
+        dtype=torch.bfloat16 if tp.precision == "bf16" else torch.float16,
+        enabled=tp.precision != "fp32",
+    )
+    log.info("train %s: %d triplets, %d steps of %d on %s", name, len(rows), total_steps, tp.batch_size, device)
+
+    model.train()
+    history: list[dict[str, float]] = []
+    seen = 0
+    batches: list[list[int]] = []
+    started = time.perf_counter()
+    with tqdm(total=total_steps, desc=f"train {name}", unit="step") as bar:
+        for step in range(1, total_steps + 1):
+            if not batches:
+                batches = make_batches(rows, tp.batch_size, rng)
+            batch = [rows[i] for i in batches.pop(0)]
+            features = [tokens.batch([row[f] for row in batch], model.device) for f in TEXT_FIELDS]
+            with autocast:
+                loss = loss_fn(features, labels=None)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            seen += len(batch)
+            history.append({"step": step, "loss": round(loss.item(), 6), "lr": scheduler.get_last_lr()[0]})
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            bar.update()
+            if step % 50 == 0 or step == total_steps:
+                log.info("train %s: step %d/%d loss %.4f", name, step, total_steps, loss.item())
+    wall = time.perf_counter() - started
+
+    tail = history[-max(1, len(history) // 10) :]
+    info = {
+        "name": name,
+        "base_model": {"name": params.base_model, "sha256": weights_sha256(params.base_model)},
+        "params": {"lora": params.lora.model_dump(), "train": tp.model_dump()},
+        "data": {str(path): file_md5(path) for path in files},
+        "triplets": len(rows),
+        "steps": total_steps,
+        "final_loss": round(sum(h["loss"] for h in tail) / len(tail), 6),
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "max_seq_length": tp.max_seq_length,
+        "wall_time_s": round(wall, 3),
+        "triplets_per_s": round(seen / wall, 3),
+        "versions": _versions(),
+    }
+    return TrainedAdapter(model, info, history, probe=[row["anchor"] for row in rows[:16]])
+
+
+def _versions() -> dict[str, str]:
+    import peft
+    import sentence_transformers
+    import transformers
+
+    return {
+        "torch": torch.__version__,
+        "peft": peft.__version__,
+        "sentence_transformers": sentence_transformers.__version__,
+        "transformers": transformers.__version__,
+    }

@@ -1,0 +1,27 @@
+"""DVC stage train@<name>: one LoRA adapter per domain, and `multi` on all domains together."""
+
+import click
+
+from cachelora import paths
+from cachelora.adapters import save_adapter
+from cachelora.entrypoint import user_errors
+from cachelora.params import load_params
+from cachelora.records import write_json
+from cachelora.training import train_model, training_files
+
+
+@click.command()
+@click.option("--name", required=True, help="A domain, or 'multi' for all domains.")
+@user_errors
+def main(name: str) -> None:
+    params = load_params()
+    params.check_model(name)
+    trained = train_model(name, params, training_files(name, params))
+    save_adapter(trained.model, paths.model_dir(name), params.base_model, trained.info, trained.probe)
+    summary = {key: trained.info[key] for key in ("triplets", "steps", "final_loss", "triplets_per_s")}
+    write_json(paths.stage_metrics("train", name), summary)
+    write_json(paths.loss_plot(name), trained.history)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+import json
+
+from click.testing import CliRunner
+
+from cachelora.cli import main
+from cachelora.records import write_jsonl
+from tests.conftest import tiny_rows
+
+
+def run(*args):
+    return CliRunner().invoke(main, ["evaluate", *map(str, args)])
+
+
+def test_evaluate_any_triplet_file_with_an_adapter(tiny_adapter, tmp_path):
+    rows = [{k: r[k] for k in ("anchor", "positive", "negative")} for r in tiny_rows(20, seed=9)]
+    write_jsonl(tmp_path / "mine.jsonl", rows)
+    result = run("--triplets", tmp_path / "mine.jsonl", "--adapter", tiny_adapter, "--json", tmp_path / "out.json")
+    assert result.exit_code == 0, result.output
+    assert "(in-sample)" in result.output and "baseline" in result.output and "medical" in result.output
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert set(out) == {"baseline", "medical"}
+    assert out["baseline"]["all"]["margin_gain_pct"] == 0
+    assert out["medical"]["all"]["at_max_f1"]["in_sample"] == 1
+
+
+def test_per_domain_groups_and_fixed_threshold(tmp_path):
+    rows = tiny_rows(20, seed=9)
+    rows[:10] = [dict(r, domain="law") for r in rows[:10]]
+    write_jsonl(tmp_path / "mine.jsonl", rows)
+    result = run("--triplets", tmp_path / "mine.jsonl", "--threshold", 0.7, "--json", tmp_path / "o.json")
+    assert result.exit_code == 0, result.output
+    out = json.loads((tmp_path / "o.json").read_text())["baseline"]
+    assert {"law", "medical", "all", "macro"} == set(out)
+    assert out["law"]["at_given"]["threshold"] == 0.7 and "(in-sample)" not in result.output
+
+
+def test_thresholds_from_eval_json_must_know_the_model(tmp_path):
+    write_jsonl(tmp_path / "mine.jsonl", tiny_rows(10))
+    (tmp_path / "eval.json").write_text(json.dumps({"merged": {}}))
+    result = run("--triplets", tmp_path / "mine.jsonl", "--thresholds-from", tmp_path / "eval.json")
+    assert result.exit_code == 1
+    assert "eval.json: no thresholds for model 'baseline', domain 'medical'" in result.output
+
+
+def test_missing_field_names_file_and_row(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"anchor": "a b c", "positive": "d e f"}\n')
+    result = run("--triplets", tmp_path / "bad.jsonl")
+    assert result.exit_code == 1
+    assert "bad.jsonl: row 1: missing field 'negative'" in result.output
+
+
+def test_adapter_trained_on_other_base_is_refused(tiny_adapter, tmp_path):
+    import shutil
+
+    other = shutil.copytree(tiny_adapter, tmp_path / "other")
+    info = json.loads((other / "training_info.json").read_text())
+    info["base_model"]["sha256"] = "1" * 64
+    (other / "training_info.json").write_text(json.dumps(info))
+    write_jsonl(tmp_path / "mine.jsonl", tiny_rows(10))
+    result = run("--triplets", tmp_path / "mine.jsonl", "--adapter", other)
+    assert result.exit_code == 1 and "trained on base 'all-MiniLM-L6-v2' (111111111111…)" in result.output

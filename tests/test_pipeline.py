@@ -1,0 +1,140 @@
+"""End to end through DVC, in a temp copy of the repo with tiny params (minutes, not seconds)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+TINY = {
+    "generate": {"triplets_per_domain": 40},
+    "validate": {"min_rows": 10, "max_bad_fraction": 0.25},
+    "train": {"batch_size": 8, "max_seq_length": 24, "epochs": 1, "lr": 1e-3, "device": "cpu"},
+    "lora": {"rank": 4, "alpha": 8},
+    "evaluate": {"bootstrap": 100},
+}
+
+
+def run(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TQDM_DISABLE": "1",
+        "CACHELORA_LOG_LEVEL": "WARNING",
+    }
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def set_params(repo: Path, changes: dict) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for section, values in changes.items():
+        params[section].update(values)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The working tree's tracked and unignored files, as a fresh git repo with tiny params."""
+    root = tmp_path_factory.mktemp("repo")
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    for name in filter(None, listed.stdout.split("\0")):
+        if (REPO / name).is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, root / name)
+    (root / "dvc.lock").unlink(missing_ok=True)
+    set_params(root, TINY)
+    run(root, "git", "init", "-q")
+    run(root, "git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A")
+    run(root, "git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "tiny")
+    return root
+
+
+def locked_md5s(repo: Path, prefix: str) -> dict[str, str]:
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    return {
+        out["path"]: out["md5"]
+        for stage in lock["stages"].values()
+        for out in stage.get("outs", [])
+        if out["path"].startswith(prefix)
+    }
+
+
+def test_data_stages_are_reproducible_and_leak_free(repo):
+    run(repo, "dvc", "repro", "split")
+    first = locked_md5s(repo, "data/")
+    assert len(first) == 4 * 4  # triplets, validated, quarantine, splits per domain
+    run(repo, "dvc", "repro", "-f", "split")
+    assert locked_md5s(repo, "data/") == first
+    for domain in ("medical", "law", "programming", "psychology"):
+        split = json.loads((repo / f"metrics/split/{domain}.json").read_text())
+        assert split["leakage"] == 0 and min(split["rows"].values()) > 0
+
+
+def test_injected_bad_rows_go_to_quarantine_and_nothing_is_lost(repo):
+    source = repo / "data/triplets/medical.jsonl"
+    rows = [json.loads(line) for line in source.read_text().splitlines()]
+    bad = [dict(rows[0], negative=rows[0]["anchor"]), dict(rows[1], anchor="[insert paraphrase here]")]
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows + bad))
+    try:
+        run(repo, "python", "stages/validate.py", "--domain", "medical")
+        quarantined = [json.loads(x) for x in (repo / "data/quarantine/medical.jsonl").read_text().splitlines()]
+        passed = (repo / "data/validated/medical.jsonl").read_text().splitlines()
+        assert len(passed) + len(quarantined) == len(rows) + 2
+        reasons = {r["anchor"]: r["reasons"] for r in quarantined}
+        assert "texts_not_distinct" in reasons[rows[0]["anchor"]]
+        assert "placeholder:anchor" in reasons["[insert paraphrase here]"]
+    finally:
+        run(repo, "dvc", "checkout", "-f", "data/triplets/medical.jsonl", "data/validated/medical.jsonl",
+            "data/quarantine/medical.jsonl")
+
+
+def test_bad_params_fail_the_stage_with_one_line(repo):
+    params = (repo / "params.yaml").read_text()
+    try:
+        set_params(repo, {"split": {"train": 0.9}})
+        proc = run(repo, "python", "stages/split.py", "--domain", "medical", check=False)
+        assert proc.returncode == 1
+        assert proc.stderr.strip().splitlines()[-1] == "error: params.yaml: split: train + val + test must sum to 1 (got 1.2)"
+    finally:
+        (repo / "params.yaml").write_text(params)
+
+
+def test_full_pipeline_noop_experiment_and_metrics_diff(repo):
+    run(repo, "dvc", "repro")
+    for name in ("medical", "law", "programming", "psychology", "multi", "merged"):
+        assert (repo / f"models/{name}/adapter_model.safetensors").is_file()
+    metrics = json.loads((repo / "metrics/eval.json").read_text())
+    assert {"baseline", "medical", "multi", "merged"} <= set(metrics)
+    assert (repo / "metrics/figures/margin_gain.png").stat().st_size > 1000
+
+    again = run(repo, "dvc", "repro")
+    assert "Running stage" not in again.stdout
+
+    run(repo, "git", "add", "-A")
+    run(repo, "git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "rank 4")
+    exp = run(repo, "dvc", "exp", "run", "-S", "lora.rank=16")
+    ran = {line.split("'")[1] for line in exp.stdout.splitlines() if line.startswith("Running stage")}
+    assert ran and all(s.startswith(("train@", "merge", "evaluate")) for s in ran), ran
+    assert json.loads((repo / "models/medical/adapter_config.json").read_text())["r"] == 16
+
+    run(repo, "git", "add", "-A")
+    run(repo, "git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "rank 16")
+    diff = json.loads(run(repo, "dvc", "metrics", "diff", "HEAD~1", "--json").stdout)
+    changed = diff["metrics/eval.json"]
+    assert any(k.startswith("merged.") and v["diff"] for k, v in changed.items() if isinstance(v.get("diff"), float))

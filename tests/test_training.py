@@ -1,0 +1,84 @@
+import random
+
+import pytest
+import torch
+
+from cachelora.errors import CacheloraError
+from cachelora.records import write_jsonl
+from cachelora.training import conflict_keys, load_training_rows, make_batches, train_model
+from tests.conftest import tiny_model_params, tiny_rows
+
+
+def test_batches_have_no_false_negatives_and_cover_every_row():
+    rows = tiny_rows(40)
+    batches = make_batches(rows, 8, random.Random(0))
+    assert sorted(i for b in batches for i in b) == list(range(40))
+    for batch in batches:
+        keys = [conflict_keys(rows[i]) for i in batch]
+        assert all(not (a & b) for i, a in enumerate(keys) for b in keys[i + 1 :])
+
+
+def test_batches_keep_rows_of_one_concept_apart():
+    rows = tiny_rows(40)
+    for batch in make_batches(rows, 8, random.Random(1)):
+        concepts = [rows[i]["source_id"] for i in batch] + [rows[i]["negative_source_id"] for i in batch]
+        assert len(concepts) == len(set(concepts))
+
+
+def test_empty_train_split_is_an_error(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text("")
+    with pytest.raises(CacheloraError, match=r"train.jsonl: train split is empty"):
+        load_training_rows([path])
+
+
+def lora_weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+
+
+@pytest.fixture(scope="module")
+def train_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("train") / "train.jsonl"
+    write_jsonl(path, tiny_rows(24))
+    return path
+
+
+def test_training_is_seeded_and_deterministic(train_file):
+    first = train_model("medical", tiny_model_params(), [train_file])
+    second = train_model("medical", tiny_model_params(), [train_file])
+    a, b = lora_weights(first.model), lora_weights(second.model)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert first.history == second.history
+    assert first.info["steps"] == 3 and first.info["triplets"] == 24
+    assert first.info["base_model"]["sha256"] and first.info["data"][str(train_file)]
+
+
+def test_hard_negatives_are_in_the_loss(train_file, tmp_path):
+    """Same anchors and positives, other negatives: a loss that ignored the column would not change."""
+    rows = tiny_rows(24)
+    swapped = [dict(r, negative=rows[(i + 5) % len(rows)]["positive"]) for i, r in enumerate(rows)]
+    other = tmp_path / "train.jsonl"
+    write_jsonl(other, swapped)
+    params = tiny_model_params(epochs=0.3, lr=1e-9)
+    first = train_model("medical", params, [train_file]).history[0]["loss"]
+    second = train_model("medical", params, [other]).history[0]["loss"]
+    assert first != pytest.approx(second, abs=1e-4)
+
+
+def test_training_moves_only_lora_weights(train_file):
+    trained = train_model("medical", tiny_model_params(), [train_file])
+    trainable = [n for n, p in trained.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_unknown_target_module_is_named(train_file):
+    params = tiny_model_params().model_copy(
+        update={"lora": tiny_model_params().lora.model_copy(update={"target_modules": ["query", "qkv_proj"]})}
+    )
+    with pytest.raises(CacheloraError, match=r"lora.target_modules: 'qkv_proj' matches no module"):
+        train_model("medical", params, [train_file])
+
+
+def test_fp16_on_cpu_is_refused(train_file):
+    with pytest.raises(CacheloraError, match=r"train.precision: fp16 needs CUDA"):
+        train_model("medical", tiny_model_params(precision="fp16"), [train_file])
