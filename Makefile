@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install repro test lint bench s3-local clean-venv
+.PHONY: install repro test lint s3-local clean-venv
 
 install: $(VENV)/.installed
 
@@ -29,3 +29,6 @@ lint: install
 
 clean-venv:
 	rm -rf $(VENV)
+
+s3-local: install
+	$(BIN)/cachelora s3 local

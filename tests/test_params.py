@@ -33,6 +33,10 @@ def test_repo_params_load():
         ({"generate__backend": "magic"}, r"generate.backend: Input should be 'offline' or 'openai'"),
         ({"train_models": ["medical", "multi"]}, r"train_models must be the domains followed by 'multi'"),
         ({"split__tset": 0.1}, r"split.tset: Extra inputs are not permitted"),
+        ({"lora__rank": 0}, r"lora.rank: Input should be greater than 0"),
+        ({"train__lr": -1e-4}, r"train.lr: Input should be greater than 0"),
+        ({"merge__method": "average"}, r"merge.method: Input should be 'cat', 'linear'"),
+        ({"merge__weights": [1.0]}, r"merge.weights: need one weight per domain \(4\)"),
     ],
 )
 def test_invalid_values_name_the_key(tmp_path, change, message):

@@ -110,7 +110,8 @@ def test_bad_params_fail_the_stage_with_one_line(repo):
         set_params(repo, {"split": {"train": 0.9}})
         proc = run(repo, "python", "stages/split.py", "--domain", "medical", check=False)
         assert proc.returncode == 1
-        assert proc.stderr.strip().splitlines()[-1] == "error: params.yaml: split: train + val + test must sum to 1 (got 1.2)"
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last == "error: params.yaml: split: train + val + test must sum to 1 (got 1.2)"
     finally:
         (repo / "params.yaml").write_text(params)
 
@@ -138,3 +139,87 @@ def test_full_pipeline_noop_experiment_and_metrics_diff(repo):
     diff = json.loads(run(repo, "dvc", "metrics", "diff", "HEAD~1", "--json").stdout)
     changed = diff["metrics/eval.json"]
     assert any(k.startswith("merged.") and v["diff"] for k, v in changed.items() if isinstance(v.get("diff"), float))
+
+
+def test_report_cites_and_verify_catches_each_corruption(repo):
+    results = (repo / "RESULTS.md").read_text()
+    assert "metrics/eval.json" in results and "sha256" in results
+    readme = (repo / "README.md").read_text()
+    assert "| medical |" in readme.split("<!-- results:begin -->")[1]
+    assert "verify: OK" in run(repo, "cachelora", "verify").stdout
+
+    weights = repo / "models/law/adapter_model.safetensors"
+    size = weights.stat().st_size
+    weights.write_bytes(weights.read_bytes()[:-6])
+    (repo / "RESULTS.md").write_text(results.replace("| merged |", "| merged | 9.9999 |", 1))
+    info_path = repo / "models/psychology/training_info.json"
+    info = json.loads(info_path.read_text())
+    info["base_model"]["sha256"] = "0" * 64
+    info_path.write_text(json.dumps(info))
+    (repo / "data/splits/medical/test.jsonl").write_text("")
+    (repo / "data/quarantine/law.jsonl").unlink()
+    try:
+        proc = run(repo, "cachelora", "verify", check=False)
+        assert proc.returncode == 1
+        fails = [line for line in proc.stdout.splitlines() if line.startswith("FAIL ")]
+        text = "\n".join(fails)
+        assert f"cover {size} bytes, file has {size - 6} (-6)" in text
+        assert "models/law/adapter_model.safetensors: md5" in text
+        assert "RESULTS.md:" in text and "is 9.9999 here" in text
+        assert "adapter was trained on 000000000000" in text
+        assert "data/splits/medical/test.jsonl: md5" in text
+        assert "data/quarantine/law.jsonl: missing" in text
+    finally:
+        run(repo, "dvc", "checkout", "-f")
+        run(repo, "git", "checkout", "RESULTS.md")
+    recomputed = run(repo, "cachelora", "verify", "--recompute")
+    assert "verify: OK" in recomputed.stdout and "re-evaluation within" in recomputed.stdout
+
+
+def test_exported_model_matches_base_plus_adapter(repo):
+    run(repo, "cachelora", "export", "--model", "merged", "--out", "exported")
+    config = json.loads((repo / "exported/cache_config.json").read_text())
+    assert config["dimension"] == 384 and config["normalize"] and config["pooling"] == "mean"
+    assert 0 < config["recommended_threshold"]["threshold"] < 1
+    assert "model.safetensors" in config["checksums"]
+    check = (
+        "import sys, numpy as np\n"
+        "from sentence_transformers import SentenceTransformer\n"
+        "from cachelora.adapters import load_adapter_model\n"
+        "texts = ['symptoms of asthma in children', 'how do I file for divorce', 'git rebase vs merge']\n"
+        "a = SentenceTransformer('exported').encode(texts)\n"
+        "b = load_adapter_model('models/merged').encode(texts)\n"
+        "print(float(np.abs(a - b).max()))\n"
+    )
+    diff = float(run(repo, "python", "-c", check).stdout.strip().splitlines()[-1])
+    assert diff < 1e-5
+
+
+def test_push_wipe_pull_verify_then_publish_and_fetch(repo):
+    from cachelora.storage import start_local_s3, stop_local_s3
+
+    start_local_s3(repo)
+    try:
+        run(repo, "dvc", "push")
+        outputs = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+        shutil.rmtree(repo / ".dvc/cache")
+        for stage in outputs.values():
+            for out in stage.get("outs", []):
+                target = repo / out["path"]
+                if out["path"].startswith(("data/", "models/")):  # metrics and RESULTS.md are git-tracked
+                    shutil.rmtree(target) if target.is_dir() else target.unlink()
+        run(repo, "dvc", "pull")
+        assert "up to date" in run(repo, "dvc", "status", "-c").stdout.lower()
+        assert "verify: OK" in run(repo, "cachelora", "verify").stdout
+
+        published = run(repo, "cachelora", "publish", "--to", "s3://cachelora/releases/v1").stdout
+        assert "published" in published
+        again = run(repo, "cachelora", "publish", "--to", "s3://cachelora/releases/v1", check=False)
+        assert again.returncode == 1 and "never overwritten" in again.stderr
+        run(repo, "cachelora", "fetch", "--from", "s3://cachelora/releases/v1", "--to", "fetched")
+        manifest = json.loads((repo / "fetched/manifest.json").read_text())
+        names = {entry["path"] for entry in manifest["files"]}
+        expected = {"RESULTS.md", "dvc.lock", "model/cache_config.json", "adapters/merged/adapter_model.safetensors"}
+        assert expected <= names
+    finally:
+        stop_local_s3(repo)

@@ -19,6 +19,7 @@ from cachelora.evaluation import (
     triplet_metrics,
 )
 from cachelora.records import read_json, read_triplets, write_json
+from cachelora.storage import fetch_cmd, s3
 
 ALL = "all"
 
@@ -157,3 +158,66 @@ def _check_adapters(adapters: tuple[Path, ...], base: str) -> None:
                 f"{path}: trained on base '{trained_on['name']}' ({trained_on['sha256'][:12]}…), "
                 f"not '{base}' ({sha[:12]}…)"
             )
+
+
+@main.command()
+@click.option("--pull", is_flag=True, help="Fetch locked outputs from the DVC remote first.")
+@click.option("--recompute", is_flag=True, help="Re-evaluate the locked adapters and compare with eval.json.")
+@user_errors
+def verify(pull: bool, recompute: bool) -> None:
+    """Check every artifact against dvc.lock, every adapter file and load, and every reported number."""
+    from cachelora.params import load_params
+    from cachelora.provenance import RECOMPUTE_TOLERANCE, verify
+
+    failures, checks = verify(load_params(), pull=pull, recompute=recompute)
+    for failure in failures:
+        click.echo(f"FAIL {failure}")
+    if failures:
+        raise SystemExit(1)
+    extra = f", re-evaluation within {RECOMPUTE_TOLERANCE}" if recompute else ""
+    click.echo(f"verify: OK ({checks} checks{extra})")
+
+
+@main.command()
+@click.option("--model", "model_name", required=True, help="merged, multi or a domain.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory to write the model to.")
+@user_errors
+def export(model_name: str, out: Path) -> None:
+    """Merge a LoRA into the base model: a standalone sentence-transformers directory plus cache_config.json."""
+    from cachelora.export import export_model
+
+    config = export_model(model_name, out)
+    t = config["recommended_threshold"]
+    click.echo(
+        f"exported {model_name} to {out}: dim {config['dimension']}, threshold {t['threshold']:.3f} "
+        f"(test precision {t['test_precision']:.3f}, recall {t['test_recall']:.3f})"
+    )
+
+
+@main.command()
+@click.option("--to", "url", required=True, help="New release prefix, s3://BUCKET/PREFIX (never overwritten).")
+@click.option("--model", "model_name", default="merged", show_default=True, help="Model to export into the release.")
+@user_errors
+def publish(url: str, model_name: str) -> None:
+    """Verify, then upload a release: exported model, adapters, RESULTS.md, metrics, dvc.lock, manifest.json."""
+    import tempfile
+
+    from cachelora.export import build_release
+    from cachelora.merging import MERGED
+    from cachelora.params import load_params
+    from cachelora.provenance import verify
+    from cachelora.storage import publish_release
+
+    params = load_params()
+    failures, _ = verify(params)
+    if failures:
+        raise CacheloraError(f"publish refused: verify found {len(failures)} problem(s), first: {failures[0]}")
+    with tempfile.TemporaryDirectory(prefix="cachelora-release-") as tmp:
+        manifest = build_release(Path(tmp) / "release", model_name, [*params.train_models, MERGED])
+        uploaded = publish_release(Path(tmp) / "release", url, repo=Path.cwd())
+    size = sum(entry["size"] for entry in manifest["files"])
+    click.echo(f"published {len(uploaded)} files ({size / 1e6:.1f} MB) to {url}")
+
+
+main.add_command(s3)
+main.add_command(fetch_cmd)

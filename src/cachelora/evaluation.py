@@ -81,9 +81,19 @@ def _ci(samples: np.ndarray) -> tuple[float, float]:
 
 
 def triplet_metrics(
-    scores: Scores, baseline: Scores, thresholds: dict[str, float], resamples: int, seed: int, in_sample: bool = False
+    scores: Scores,
+    baseline: Scores,
+    thresholds: dict[str, float],
+    resamples: int,
+    seed: int,
+    in_sample: bool = False,
+    chosen_on: Scores | None = None,
 ) -> dict[str, Any]:
-    """Every metric DESIGN.md names, for one model on one set of triplets."""
+    """Every metric DESIGN.md names, for one model on one set of triplets.
+
+    ``chosen_on`` is the set the thresholds were chosen on (val): its precision and recall at each
+    threshold are reported beside the ones measured here.
+    """
     margins, base_margins = scores.pos - scores.neg, baseline.pos - baseline.neg
     correct = (scores.pos > scores.neg).astype(np.float64)
     idx = np.random.default_rng(seed).integers(0, len(margins), size=(resamples, len(margins)))
@@ -107,8 +117,16 @@ def triplet_metrics(
         "triplet_accuracy_ci_high": acc_high,
         "average_precision": round(float(average_precision_score(labels, values)), 6),
         "roc_auc": round(float(roc_auc_score(labels, values)), 6),
-        **{f"at_{name}": {**decision(scores, t), "in_sample": int(in_sample)} for name, t in thresholds.items()},
+        **{f"at_{name}": _at(scores, t, in_sample, chosen_on) for name, t in thresholds.items()},
     }
+
+
+def _at(scores: Scores, threshold: float, in_sample: bool, chosen_on: Scores | None) -> dict[str, float]:
+    result = {**decision(scores, threshold), "in_sample": int(in_sample)}
+    if chosen_on is not None:
+        on_val = decision(chosen_on, threshold)
+        result.update(val_precision=on_val["precision"], val_recall=on_val["recall"])
+    return result
 
 
 def threshold_curve(scores: Scores) -> dict[str, list[float]]:
@@ -155,6 +173,14 @@ def model_loaders(base_model: str, adapters: dict[str, Path], device: str = "cpu
 
 
 def pipeline_evaluation(params: Params) -> dict[str, Any]:
+    """Evaluate the pipeline's models and write eval.json, the plot data and the figures."""
+    result, scores = pipeline_metrics(params)
+    write_json(paths.METRICS_DIR / "eval.json", result)
+    write_plots(scores, params.domains, result)
+    return result
+
+
+def pipeline_metrics(params: Params) -> tuple[dict[str, Any], dict[str, dict[str, Scores]]]:
     """Every pipeline model on every domain: thresholds chosen on val, metrics reported on test."""
     from cachelora.base_model import weights_sha256
     from cachelora.merging import MERGED
@@ -177,13 +203,12 @@ def pipeline_evaluation(params: Params) -> dict[str, Any]:
                 select_thresholds(by_set[f"{domain}/val"], ep.target_precision),
                 ep.bootstrap,
                 ep.seed,
+                chosen_on=by_set[f"{domain}/val"],
             )
             for domain in params.domains
         }
         result[name] = {**per_domain, "macro": macro(per_domain, MACRO_KEYS)}
-    write_json(paths.METRICS_DIR / "eval.json", result)
-    write_plots(scores, params.domains, result)
-    return result
+    return result, scores
 
 
 def write_plots(scores: dict[str, dict[str, Scores]], domains: list[str], result: dict[str, Any]) -> None:

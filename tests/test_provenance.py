@@ -1,0 +1,59 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from cachelora.errors import CacheloraError
+from cachelora.provenance import BEGIN, END, Cell, check_safetensors, lookup, replace_block
+
+
+@pytest.fixture
+def weights(tmp_path):
+    path = tmp_path / "adapter_model.safetensors"
+    save_file({"a": torch.ones(3, 4), "b": torch.arange(10, dtype=torch.float32)}, str(path))
+    return path
+
+
+def test_intact_file_passes(weights):
+    assert check_safetensors(weights) is None
+
+
+def test_six_byte_truncation_is_caught_with_sizes(weights):
+    size = weights.stat().st_size
+    weights.write_bytes(weights.read_bytes()[:-6])
+    assert check_safetensors(weights) == (
+        f"{weights}: header and data offsets cover {size} bytes, file has {size - 6} (-6)"
+    )
+
+
+def test_stripped_carriage_returns_are_caught(weights):
+    """What `* text eol=lf` did upstream: CR bytes removed from a binary file."""
+    data = bytearray(weights.read_bytes())
+    header_len = int.from_bytes(data[:8], "little")
+    data[8 + header_len] = 13  # put a CR in the tensor data, then strip it like git did
+    weights.write_bytes(bytes(data[: 8 + header_len]) + bytes(data[8 + header_len :]).replace(b"\r", b""))
+    assert "header and data offsets cover" in check_safetensors(weights)
+
+
+def test_garbage_is_named(tmp_path):
+    bad = tmp_path / "x.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    assert check_safetensors(bad) == f"{bad}: header is not valid JSON"
+    bad.write_bytes(b"abc")
+    assert "too short" in check_safetensors(bad)
+
+
+def test_lookup_and_cells(tmp_path):
+    source = tmp_path / "m.json"
+    source.write_text(json.dumps({"merged": {"law": {"margin": 0.123456}}}))
+    assert Cell(source, "merged.law.margin", ".4f").render({}) == "0.1235"
+    with pytest.raises(CacheloraError, match=r"m.json: key 'merged.medical.margin' not found"):
+        lookup(json.loads(source.read_text()), "merged.medical.margin", source)
+
+
+def test_replace_block_needs_both_markers():
+    text = f"intro\n{BEGIN}\nold\n{END}\nrest\n"
+    assert replace_block(text, f"{BEGIN}\nnew\n{END}") == f"intro\n{BEGIN}\nnew\n{END}\nrest\n"
+    with pytest.raises(CacheloraError, match=r"needs exactly one"):
+        replace_block("no markers", "x")
