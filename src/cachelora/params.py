@@ -72,9 +72,9 @@ class LoraParams(_Strict):
 
 
 class TrainParams(_Strict):
-    lr: float = Field(2e-4, gt=0)
+    lr: float = Field(2e-3, gt=0)
     batch_size: int = Field(32, ge=2)
-    epochs: float = Field(1, gt=0)
+    epochs: float = Field(2, gt=0)
     warmup: float = Field(0.1, ge=0, lt=1)
     max_seq_length: int = Field(48, ge=8)
     temperature: float = Field(0.05, gt=0)
