@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install repro test lint s3-local clean-venv
+.PHONY: install repro test lint bench bench-setup s3-local clean-venv
 
 install: $(VENV)/.installed
 
@@ -20,11 +20,11 @@ repro: install
 	$(BIN)/dvc repro
 
 test: install
-	$(BIN)/ruff check src stages tests
+	$(BIN)/ruff check src stages tests benchmarks
 	$(BIN)/pytest -q
 
 lint: install
-	$(BIN)/ruff check src stages tests
+	$(BIN)/ruff check src stages tests benchmarks
 	$(BIN)/ruff format --check src stages tests
 
 clean-venv:
@@ -32,3 +32,12 @@ clean-venv:
 
 s3-local: install
 	$(BIN)/cachelora s3 local
+
+bench: install
+	$(BIN)/python benchmarks/bench_train.py
+	$(BIN)/python benchmarks/bench_evaluate.py
+	$(BIN)/python benchmarks/bench_pipeline.py
+	$(BIN)/python benchmarks/render.py --write-readme
+
+bench-setup:
+	bash benchmarks/bench_setup.sh

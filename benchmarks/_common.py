@@ -13,6 +13,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
+LOADAVG_AT_START = os.getloadavg()
 
 
 def at_repo_root() -> None:
@@ -109,10 +110,13 @@ def finish(name: str, out: str | None, result: dict[str, Any], table: list[tuple
 
     path = Path(out) if out else RESULTS / f"{name}.json"
     created = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    result = {"benchmark": name, "created": created, "loadavg_at_end": os.getloadavg(), **result}
+    result = {"benchmark": name, "created": created, **result}
+    result.update(loadavg_at_start=LOADAVG_AT_START, loadavg_at_end=os.getloadavg())
     result["headline"] = [{"figure": k, "value": v} for k, v in table]
     write_json(path, result)
     width = max(len(k) for k, _ in table)
     print(f"\n{name} ({path})")
+    if LOADAVG_AT_START[0] > 0.5 * (os.cpu_count() or 1):
+        print(f"  warning: load average {LOADAVG_AT_START[0]:.1f} at start: other work shares the CPU")
     for key, value in table:
         print(f"  {key:<{width}}  {value}")

@@ -72,12 +72,11 @@ def run_stock(params: Any, rows: list[dict], device: str, out_dir: str, counts: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    for flag, kind in (("--domain", str), ("--triplets", int), ("--rounds", int), ("--batch-size", int)):
+    for flag, kind in (("--domain", str), ("--triplets", int), ("--rounds", int), ("--batch-size", int),
+                       ("--threads", int), ("--out", str)):  # fmt: skip
         parser.add_argument(flag, type=kind)
-    parser.add_argument("--threads", type=int, help="torch threads (default: train.threads or torch's default)")
     parser.add_argument("--device", choices=["cpu", "cuda", "auto"])
     parser.add_argument("--precision", choices=["fp32", "bf16"])
-    parser.add_argument("--out")
     parser.add_argument("--quick", action="store_true", help="16 triplets, 2 rounds, batch 8 (a smoke test)")
     opts = parser.parse_args()
     at_repo_root()
@@ -97,13 +96,12 @@ def main() -> None:
     batch_size = opts.batch_size or quick.get("batch_size", params.train.batch_size)
     device, precision = opts.device or params.train.device, opts.precision or params.train.precision
     update = {"batch_size": batch_size, "threads": threads, "epochs": 1, "device": device, "precision": precision}
-    train = params.train.model_copy(update=update)
-    params = params.model_copy(update={"train": train})
+    params = params.model_copy(update={"train": (train := params.train.model_copy(update=update))})
     device = pick_device(train.device)
     rows, source = triplet_rows(params, domain, count)
 
     base = load_base(params.base_model, device, train.max_seq_length)  # untimed warm-up: imports, page cache
-    weights_sha256(params.base_model)
+    weights_sha256(params.base_model)  # cached: train_model's call is then free, as in round 2+
     n_params = sum(p.numel() for n, p in base[0].auto_model.named_parameters() if n.split(".")[0] not in
                    ("embeddings", "pooler"))  # fmt: skip
     batches = make_batches(rows, train.batch_size, random.Random(train.seed))

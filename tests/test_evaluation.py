@@ -37,8 +37,8 @@ def test_unreachable_target_precision_hits_nothing():
 
 
 def test_triplet_metrics_against_baseline():
-    base = scores([0.6, 0.6, 0.6, 0.6], [0.5, 0.5, 0.7, 0.5])     # margins .1 .1 -.1 .1 -> mean .05
-    better = scores([0.7, 0.7, 0.7, 0.7], [0.5, 0.5, 0.6, 0.5])   # margins .2 .2 .1 .2 -> mean .175
+    base = scores([0.6, 0.6, 0.6, 0.6], [0.5, 0.5, 0.7, 0.5])  # margins .1 .1 -.1 .1 -> mean .05
+    better = scores([0.7, 0.7, 0.7, 0.7], [0.5, 0.5, 0.6, 0.5])  # margins .2 .2 .1 .2 -> mean .175
     m = triplet_metrics(better, base, {"max_f1": 0.65}, resamples=200, seed=0)
     assert m["margin"] == pytest.approx(0.175)
     assert m["margin_gain_pct"] == pytest.approx(250.0)

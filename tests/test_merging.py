@@ -11,8 +11,11 @@ from tests.conftest import tiny_model_params
 def params(method, **extra):
     base = tiny_model_params()
     return base.model_copy(
-        update={"domains": ["medical", "law"], "train_models": ["medical", "law", "multi"],
-                "merge": base.merge.model_copy(update={"method": method, **extra})}
+        update={
+            "domains": ["medical", "law"],
+            "train_models": ["medical", "law", "multi"],
+            "merge": base.merge.model_copy(update={"method": method, **extra}),
+        }
     )
 
 
@@ -35,9 +38,7 @@ def test_linear_of_identical_adapters_with_half_weights_reproduces_one(sources):
     single = load_adapter_model(sources["medical"])
     text = ["symptoms of asthma in children"]
     # linear averages A and B separately: 0.5A+0.5A = A, so the product matches one adapter up to scaling
-    assert torch.allclose(
-        torch.tensor(merged.encode(text)), torch.tensor(single.encode(text)), atol=0.05
-    )
+    assert torch.allclose(torch.tensor(merged.encode(text)), torch.tensor(single.encode(text)), atol=0.05)
 
 
 def test_random_method_is_seeded(sources):

@@ -100,8 +100,15 @@ def test_injected_bad_rows_go_to_quarantine_and_nothing_is_lost(repo):
         assert "texts_not_distinct" in reasons[rows[0]["anchor"]]
         assert "placeholder:anchor" in reasons["[insert paraphrase here]"]
     finally:
-        run(repo, "dvc", "checkout", "-f", "data/triplets/medical.jsonl", "data/validated/medical.jsonl",
-            "data/quarantine/medical.jsonl")
+        run(
+            repo,
+            "dvc",
+            "checkout",
+            "-f",
+            "data/triplets/medical.jsonl",
+            "data/validated/medical.jsonl",
+            "data/quarantine/medical.jsonl",
+        )
 
 
 def test_bad_params_fail_the_stage_with_one_line(repo):

@@ -5,8 +5,12 @@ from __future__ import annotations
 import functools
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
 
 from cachelora.errors import CacheloraError
 from cachelora.records import file_sha256
@@ -62,7 +66,7 @@ def pick_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_base(name: str, device: str = "cpu", max_seq_length: int | None = None):
+def load_base(name: str, device: str = "cpu", max_seq_length: int | None = None) -> SentenceTransformer:
     """Load the base SentenceTransformer from its resolved location."""
     from sentence_transformers import SentenceTransformer
 
@@ -77,7 +81,9 @@ def load_base(name: str, device: str = "cpu", max_seq_length: int | None = None)
     return model
 
 
-def encode_unique(model, texts: list[str], batch_size: int = 128, desc: str = "encode") -> dict[str, np.ndarray]:
+def encode_unique(
+    model: SentenceTransformer, texts: list[str], batch_size: int = 128, desc: str = "encode"
+) -> dict[str, np.ndarray]:
     """Embed each distinct text once (normalised vectors); returns text -> vector."""
     distinct = sorted(set(texts), key=len)
     vectors = model.encode(

@@ -56,9 +56,7 @@ def export_model(model_name: str, out: Path, eval_path: Path = paths.METRICS_DIR
             "max_seq_length": model.max_seq_length,
             "similarity": "cosine",
             "recommended_threshold": threshold,
-            "checksums": {
-                p.relative_to(tmp).as_posix(): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()
-            },
+            "checksums": {p.relative_to(tmp).as_posix(): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()},
         }
         write_json(tmp / CACHE_CONFIG, config)
     log.info("exported %s to %s (threshold %.3f)", model_name, out, threshold["threshold"])

@@ -336,9 +336,7 @@ def check_results(params: Params, path: Path) -> Iterator[str]:
             continue
         for spec, expected in zip(table.rows, table.render_rows(cache), strict=True):
             label = expected[0]
-            found = next(
-                (i for i in range(start, len(lines)) if lines[i].startswith(f"| {label} |")), None
-            )
+            found = next((i for i in range(start, len(lines)) if lines[i].startswith(f"| {label} |")), None)
             if found is None:
                 yield f"{path}: table '{table.title}' has no row '{label}'"
                 continue

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -12,6 +12,9 @@ import pandas as pd
 from cachelora.errors import CacheloraError
 from cachelora.params import ValidateParams
 from cachelora.records import TEXT_FIELDS, normalise
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +47,11 @@ def _frame(rows: list[dict[str, Any]], neg_sim: np.ndarray) -> pd.DataFrame:
     return df
 
 
-def _row_suite(params: ValidateParams, domain: str):
+def _row_suite(params: ValidateParams, domain: str) -> Any:
     import great_expectations as gx
     import great_expectations.expectations as gxe
 
-    def named(reason: str, expectation):
+    def named(reason: str, expectation: Any) -> Any:
         expectation.meta = {"reason": reason}
         return expectation
 
@@ -107,7 +110,7 @@ def _validate(df: pd.DataFrame, params: ValidateParams, domain: str) -> list:
     return batch.validate(suite, result_format="COMPLETE").results
 
 
-def negative_similarity(rows: list[dict[str, Any]], model, batch_size: int) -> np.ndarray:
+def negative_similarity(rows: list[dict[str, Any]], model: SentenceTransformer, batch_size: int) -> np.ndarray:
     """cos(anchor, negative) under the base model for each row (NaN where a text is missing)."""
     from cachelora.base_model import encode_unique
 

@@ -1,0 +1,29 @@
+from pathlib import Path
+
+from cachelora.base_model import HUB_IDS, pick_device, resolve_base, weights_sha256
+
+
+def test_offline_package_resolves_to_a_local_directory():
+    path = Path(resolve_base("all-MiniLM-L6-v2"))
+    assert path.is_dir() and (path / "config.json").is_file()
+
+
+def test_local_directory_is_used_as_is(tmp_path):
+    assert resolve_base(str(tmp_path)) == str(tmp_path.resolve())
+
+
+def test_names_without_offline_weights_become_hub_ids():
+    assert resolve_base("all-MiniLM-L12-v2") == HUB_IDS["all-MiniLM-L12-v2"]
+    assert resolve_base("org/some-model") == "org/some-model"
+
+
+def test_weight_sha256_is_of_the_weight_file():
+    digest = weights_sha256("all-MiniLM-L6-v2")
+    assert len(digest) == 64 and digest == weights_sha256("all-MiniLM-L6-v2")
+
+
+def test_auto_device_without_cuda_is_cpu():
+    import torch
+
+    assert pick_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert pick_device("cpu") == "cpu"
