@@ -1,5 +1,6 @@
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from cachelora.cli import main
@@ -39,7 +40,21 @@ def test_thresholds_from_eval_json_must_know_the_model(tmp_path):
     (tmp_path / "eval.json").write_text(json.dumps({"merged": {}}))
     result = run("--triplets", tmp_path / "mine.jsonl", "--thresholds-from", tmp_path / "eval.json")
     assert result.exit_code == 1
-    assert "eval.json: no thresholds for model 'baseline', domain 'medical'" in result.output
+    assert "eval.json: no thresholds for model 'baseline' (use --threshold)" in result.output
+
+
+def test_thresholds_from_eval_json_per_domain_and_mean_for_all(tmp_path):
+    rows = tiny_rows(20, seed=9)
+    rows[:10] = [dict(r, domain="law") for r in rows[:10]]
+    write_jsonl(tmp_path / "mine.jsonl", rows)
+    at = lambda t: {"at_max_f1": {"threshold": t}, "at_target_precision": {"threshold": t + 0.1}}  # noqa: E731
+    (tmp_path / "eval.json").write_text(json.dumps({"baseline": {"law": at(0.5), "medical": at(0.7), "macro": {}}}))
+    args = ("--triplets", tmp_path / "mine.jsonl", "--thresholds-from", tmp_path / "eval.json")
+    result = run(*args, "--json", tmp_path / "o.json")
+    assert result.exit_code == 0, result.output
+    out = json.loads((tmp_path / "o.json").read_text())["baseline"]
+    assert out["law"]["at_max_f1"]["threshold"] == 0.5 and out["medical"]["at_target_precision"]["threshold"] == 0.8
+    assert out["all"]["at_max_f1"]["threshold"] == pytest.approx(0.6) and out["all"]["at_max_f1"]["in_sample"] == 0
 
 
 def test_missing_field_names_file_and_row(tmp_path):

@@ -41,15 +41,17 @@ def _groups(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
 
 
 def _thresholds_from(path: Path, model: str, group: str) -> dict[str, float]:
-    data = read_json(path)
-    try:
-        entry = data[model][group]
-        return {
-            "max_f1": entry["at_max_f1"]["threshold"],
-            "target_precision": entry["at_target_precision"]["threshold"],
-        }
-    except (KeyError, TypeError):
-        raise CacheloraError(f"{path}: no thresholds for model '{model}', domain '{group}' (use --threshold)") from None
+    """The val-chosen thresholds of ``model`` for ``group``; for a group eval.json has no entry for
+    (``all``, or a file without domains), the mean over its domains, as ``export`` recommends."""
+    per_domain = read_json(path).get(model)
+    domains = {d: m for d, m in (per_domain or {}).items() if isinstance(m, dict) and "at_max_f1" in m}
+    if not domains:
+        raise CacheloraError(f"{path}: no thresholds for model '{model}' (use --threshold)")
+    chosen = [domains[group]] if group in domains else list(domains.values())
+    return {
+        name: sum(entry[f"at_{name}"]["threshold"] for entry in chosen) / len(chosen)
+        for name in ("max_f1", "target_precision")
+    }
 
 
 def _table(result: dict[str, dict[str, dict[str, Any]]]) -> str:
