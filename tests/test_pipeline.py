@@ -65,6 +65,13 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture
+def pipeline(repo: Path) -> Path:
+    """The tiny repo with every stage run (a no-op when an earlier test already ran them)."""
+    run(repo, "dvc", "repro")
+    return repo
+
+
 def locked_md5s(repo: Path, prefix: str) -> dict[str, str]:
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     return {
@@ -138,7 +145,8 @@ def test_full_pipeline_noop_experiment_and_metrics_diff(repo):
     run(repo, "git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "rank 4")
     exp = run(repo, "dvc", "exp", "run", "-S", "lora.rank=16")
     ran = {line.split("'")[1] for line in exp.stdout.splitlines() if line.startswith("Running stage")}
-    assert ran and all(s.startswith(("train@", "merge", "evaluate")) for s in ran), ran
+    assert ran and all(s.startswith(("train@", "merge", "evaluate", "report")) for s in ran), ran
+    assert not any(s.startswith(("generate", "validate", "split")) for s in ran)
     assert json.loads((repo / "models/medical/adapter_config.json").read_text())["r"] == 16
 
     run(repo, "git", "add", "-A")
@@ -148,7 +156,8 @@ def test_full_pipeline_noop_experiment_and_metrics_diff(repo):
     assert any(k.startswith("merged.") and v["diff"] for k, v in changed.items() if isinstance(v.get("diff"), float))
 
 
-def test_report_cites_and_verify_catches_each_corruption(repo):
+def test_report_cites_and_verify_catches_each_corruption(pipeline):
+    repo = pipeline
     results = (repo / "RESULTS.md").read_text()
     assert "metrics/eval.json" in results and "sha256" in results
     readme = (repo / "README.md").read_text()
@@ -183,7 +192,8 @@ def test_report_cites_and_verify_catches_each_corruption(repo):
     assert "verify: OK" in recomputed.stdout and "re-evaluation within" in recomputed.stdout
 
 
-def test_exported_model_matches_base_plus_adapter(repo):
+def test_exported_model_matches_base_plus_adapter(pipeline):
+    repo = pipeline
     run(repo, "cachelora", "export", "--model", "merged", "--out", "exported")
     config = json.loads((repo / "exported/cache_config.json").read_text())
     assert config["dimension"] == 384 and config["normalize"] and config["pooling"] == "mean"
@@ -202,7 +212,8 @@ def test_exported_model_matches_base_plus_adapter(repo):
     assert diff < 1e-5
 
 
-def test_push_wipe_pull_verify_then_publish_and_fetch(repo):
+def test_push_wipe_pull_verify_then_publish_and_fetch(pipeline):
+    repo = pipeline
     from cachelora.storage import start_local_s3, stop_local_s3
 
     start_local_s3(repo)
@@ -216,7 +227,7 @@ def test_push_wipe_pull_verify_then_publish_and_fetch(repo):
                 if out["path"].startswith(("data/", "models/")):  # metrics and RESULTS.md are git-tracked
                     shutil.rmtree(target) if target.is_dir() else target.unlink()
         run(repo, "dvc", "pull")
-        assert "up to date" in run(repo, "dvc", "status", "-c").stdout.lower()
+        assert "in sync" in run(repo, "dvc", "status", "-c").stdout
         assert "verify: OK" in run(repo, "cachelora", "verify").stdout
 
         published = run(repo, "cachelora", "publish", "--to", "s3://cachelora/releases/v1").stdout

@@ -36,6 +36,15 @@ def recommended_threshold(eval_metrics: dict[str, Any], model: str) -> dict[str,
     }
 
 
+def _pooling(model: Any) -> str | None:
+    """The Pooling module's mode(s), e.g. ``mean``; None when the model has no Pooling module."""
+    for module in model:
+        if type(module).__name__ == "Pooling":
+            mode = module.pooling_mode
+            return mode if isinstance(mode, str) else "+".join(mode)
+    return None
+
+
 def export_model(model_name: str, out: Path, eval_path: Path = paths.METRICS_DIR / "eval.json") -> dict[str, Any]:
     """Merge ``models/<model_name>`` into its base and save a model that loads without peft."""
     adapter = paths.model_dir(model_name)
@@ -50,9 +59,9 @@ def export_model(model_name: str, out: Path, eval_path: Path = paths.METRICS_DIR
             "model": model_name,
             "base_model": info["base_model"],
             "adapter_sha256": file_sha256(adapter / "adapter_model.safetensors"),
-            "pooling": model[1].get_pooling_mode_str() if len(model) > 1 else None,
+            "pooling": _pooling(model),
             "normalize": "Normalize" in modules,
-            "dimension": model.get_sentence_embedding_dimension(),
+            "dimension": model.get_embedding_dimension(),
             "max_seq_length": model.max_seq_length,
             "similarity": "cosine",
             "recommended_threshold": threshold,
