@@ -57,3 +57,25 @@ def test_replace_block_needs_both_markers():
     assert replace_block(text, f"{BEGIN}\nnew\n{END}") == f"intro\n{BEGIN}\nnew\n{END}\nrest\n"
     with pytest.raises(CacheloraError, match=r"needs exactly one"):
         replace_block("no markers", "x")
+
+
+def test_check_lock_hashes_directories_like_dvc(tmp_path, monkeypatch):
+    import hashlib
+
+    from cachelora.provenance import check_lock, dir_md5
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "a.json").write_text("{}")
+    (tmp_path / "f.txt").write_text("x")
+    listing = '[{"md5": "' + hashlib.md5(b"{}").hexdigest() + '", "relpath": "a.json"}]'
+    assert dir_md5(tmp_path / "out") == hashlib.md5(listing.encode()).hexdigest() + ".dir"
+    lock = tmp_path / "dvc.lock"
+    outs = [{"path": "out", "md5": dir_md5(tmp_path / "out")}, {"path": "f.txt", "md5": hashlib.md5(b"x").hexdigest()}]
+    lock.write_text(__import__("yaml").safe_dump({"schema": "2.0", "stages": {"s": {"outs": outs}}}))
+    assert list(check_lock(lock)) == []
+    (tmp_path / "out" / "b.json").write_text("[]")
+    (tmp_path / "f.txt").unlink()
+    problems = list(check_lock(lock))
+    assert problems[0].startswith("out: directory md5") and "file detail needs the DVC cache" in problems[0]
+    assert problems[1].startswith("f.txt: missing")
