@@ -12,6 +12,7 @@ from cachelora.errors import CacheloraError
 from cachelora.evaluation import (
     BASELINE,
     MACRO_KEYS,
+    domain_entries,
     macro,
     model_loaders,
     score_models,
@@ -43,8 +44,7 @@ def _groups(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
 def _thresholds_from(path: Path, model: str, group: str) -> dict[str, float]:
     """The val-chosen thresholds of ``model`` for ``group``; for a group eval.json has no entry for
     (``all``, or a file without domains), the mean over its domains, as ``export`` recommends."""
-    per_domain = read_json(path).get(model)
-    domains = {d: m for d, m in (per_domain or {}).items() if isinstance(m, dict) and "at_max_f1" in m}
+    domains = domain_entries(read_json(path), model)
     if not domains:
         raise CacheloraError(f"{path}: no thresholds for model '{model}' (use --threshold)")
     chosen = [domains[group]] if group in domains else list(domains.values())

@@ -142,6 +142,12 @@ def pr_curve(scores: Scores, recall_grid: np.ndarray = GRID) -> list[float]:
     return [round(float(precision[recall >= r].max()), 6) for r in recall_grid]
 
 
+def domain_entries(eval_metrics: dict[str, Any], model: str) -> dict[str, dict[str, Any]]:
+    """A model's per-domain entries in eval.json (``macro`` and other non-domain keys left out)."""
+    entries = eval_metrics.get(model) or {}
+    return {d: m for d, m in entries.items() if isinstance(m, dict) and "at_max_f1" in m}
+
+
 def macro(per_domain: dict[str, dict[str, Any]], keys: tuple[str, ...]) -> dict[str, float]:
     """Unweighted mean of ``keys`` over domains."""
     return {key: round(float(np.mean([m[key] for m in per_domain.values()])), 6) for key in keys}

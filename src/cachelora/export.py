@@ -18,9 +18,11 @@ CACHE_CONFIG = "cache_config.json"
 
 def recommended_threshold(eval_metrics: dict[str, Any], model: str) -> dict[str, Any]:
     """The mean of the per-domain max-F1 thresholds (chosen on val), with val/test precision and recall."""
-    if model not in eval_metrics:
+    from cachelora.evaluation import domain_entries
+
+    domains = {d: m["at_max_f1"] for d, m in domain_entries(eval_metrics, model).items()}
+    if not domains:
         raise CacheloraError(f"{paths.METRICS_DIR / 'eval.json'}: no metrics for model '{model}'")
-    domains = {d: m["at_max_f1"] for d, m in eval_metrics[model].items() if isinstance(m, dict) and "at_max_f1" in m}
     mean = lambda key: round(sum(d[key] for d in domains.values()) / len(domains), 6)  # noqa: E731
     return {
         "threshold": mean("threshold"),
