@@ -85,7 +85,7 @@ def encode_unique(
     model: SentenceTransformer, texts: list[str], batch_size: int = 128, desc: str = "encode"
 ) -> dict[str, np.ndarray]:
     """Embed each distinct text once (normalised vectors); returns text -> vector."""
-    distinct = sorted(set(texts), key=len)
+    distinct = sorted(set(texts), key=lambda text: (len(text), text))  # same batches in every process
     vectors = model.encode(
         distinct,
         batch_size=batch_size,

@@ -109,7 +109,7 @@ def triplet_metrics(
         "pos_sim": round(float(scores.pos.mean()), 6),
         "neg_sim": round(float(scores.neg.mean()), 6),
         "margin": round(float(margins.mean()), 6),
-        "margin_gain_pct": round(gain, 4),
+        "margin_gain_pct": round(gain, 6),
         "margin_gain_pct_ci_low": gain_low,
         "margin_gain_pct_ci_high": gain_high,
         "triplet_accuracy": round(float(correct.mean()), 6),

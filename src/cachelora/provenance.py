@@ -27,7 +27,7 @@ LOCK = Path("dvc.lock")
 RESULTS = Path("RESULTS.md")
 README = Path("README.md")
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
-RECOMPUTE_TOLERANCE = 1e-4
+RECOMPUTE_TOLERANCE = 1e-4  # per metric; percentages are 100x a ratio, so they get 100x this
 EVAL = paths.METRICS_DIR / "eval.json"
 
 
@@ -367,8 +367,9 @@ def check_recompute(params: Params, tolerance: float = RECOMPUTE_TOLERANCE) -> I
         except CacheloraError as exc:
             yield str(exc)
             continue
-        if isinstance(value, float | int) and abs(float(old) - float(value)) > tolerance:
-            yield f"{EVAL}: {key} is {old}, re-evaluation gives {value} (tolerance {tolerance})"
+        allowed = tolerance * 100 if key.endswith(("_pct", "_pct_ci_low", "_pct_ci_high")) else tolerance
+        if isinstance(value, float | int) and abs(float(old) - float(value)) > allowed:
+            yield f"{EVAL}: {key} is {old}, re-evaluation gives {value} (tolerance {allowed:g})"
 
 
 def _leaves(data: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
