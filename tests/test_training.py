@@ -3,9 +3,10 @@ import random
 import pytest
 import torch
 
+from cachelora.base_model import load_base
 from cachelora.errors import CacheloraError
-from cachelora.records import write_jsonl
-from cachelora.training import conflict_keys, load_training_rows, make_batches, train_model
+from cachelora.records import TEXT_FIELDS, write_jsonl
+from cachelora.training import Tokenised, conflict_keys, embed_columns, load_training_rows, make_batches, train_model
 from tests.conftest import tiny_model_params, tiny_rows
 
 
@@ -51,6 +52,27 @@ def test_training_is_seeded_and_deterministic(train_file):
     assert first.history == second.history
     assert first.info["steps"] == 3 and first.info["triplets"] == 24
     assert first.info["base_model"]["sha256"] and first.info["data"][str(train_file)]
+
+
+def test_length_ordered_passes_give_each_column_its_own_embeddings():
+    """Regrouping texts by length only changes padding: the loss sees what per-column passes give."""
+    params = tiny_model_params()
+    model = load_base(params.base_model, "cpu", params.train.max_seq_length).eval()
+    rows = [
+        dict(r, anchor=r["anchor"] + " and what else should I know about it" * (i % 3))
+        for i, r in enumerate(tiny_rows(8))
+    ]
+    tokens = Tokenised(model, [r[f] for r in rows for f in TEXT_FIELDS], params.train.max_seq_length)
+    calls = []
+    model.register_forward_pre_hook(lambda _m, args: calls.append(args[0]["attention_mask"].shape))
+    with torch.no_grad():
+        regrouped = embed_columns(model, tokens, rows)
+        calls_regrouped, calls[:] = list(calls), []
+        columns = [model(tokens.batch([r[f] for r in rows], model.device))["sentence_embedding"] for f in TEXT_FIELDS]
+    assert [c[0] for c in calls_regrouped] == [8, 8, 8]
+    assert sum(c[0] * c[1] for c in calls_regrouped) < sum(c[0] * c[1] for c in calls)
+    for ours, reference in zip(regrouped, columns, strict=True):
+        torch.testing.assert_close(ours, reference, atol=1e-5, rtol=0)
 
 
 def test_hard_negatives_are_in_the_loss(train_file, tmp_path):

@@ -1,8 +1,10 @@
 """LoRA training with MultipleNegativesRankingLoss over (anchor, positive, hard negative).
 
-A plain loop over the sentence-transformers model and loss: texts are tokenised once, batches
-are padded to their own longest text, and no batch holds two rows that would be each other's
-false negatives (same original query, or a text shared between rows).
+A plain loop over the sentence-transformers model and loss: texts are tokenised once, and no
+batch holds two rows that would be each other's false negatives (same original query, or a text
+shared between rows). A batch's anchors, positives and negatives are embedded in length order,
+``batch_size`` texts per forward pass, so each pass pads to a similar length; the loss sees them
+back in column order, exactly as if each column had been embedded on its own.
 """
 
 from __future__ import annotations
@@ -87,6 +89,21 @@ class Tokenised:
         padded = self.tokenizer.pad([self.features[t] for t in texts], padding=True, return_tensors="pt")
         return {key: value.to(device) for key, value in padded.items()}
 
+    def length(self, text: str) -> int:
+        return len(self.features[text]["input_ids"])
+
+
+def embed_columns(model: SentenceTransformer, tokens: Tokenised, batch: list[dict[str, Any]]) -> list[torch.Tensor]:
+    """Embeddings of each column of ``batch``, computed in forward passes of similar-length texts."""
+    texts = [row[field] for field in TEXT_FIELDS for row in batch]
+    order = sorted(range(len(texts)), key=lambda i: tokens.length(texts[i]))
+    passes = [order[start : start + len(batch)] for start in range(0, len(order), len(batch))]
+    embedded = torch.cat(
+        [model(tokens.batch([texts[i] for i in part], model.device))["sentence_embedding"] for part in passes]
+    )
+    in_column_order = embedded[torch.argsort(torch.tensor(order, device=embedded.device))]
+    return list(in_column_order.split(len(batch)))
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -144,9 +161,8 @@ def train_model(name: str, params: Params, files: list[Path]) -> TrainedAdapter:
             if not batches:
                 batches = make_batches(rows, tp.batch_size, rng)
             batch = [rows[i] for i in batches.pop(0)]
-            features = [tokens.batch([row[f] for row in batch], model.device) for f in TEXT_FIELDS]
             with autocast:
-                loss = loss_fn(features, labels=None)
+                loss = loss_fn.compute_loss_from_embeddings(embed_columns(model, tokens, batch), labels=None)
             loss.backward()
             optimizer.step()
             scheduler.step()
