@@ -1,17 +1,34 @@
 import numpy as np
 import pytest
 
-from cachelora.evaluation import Scores, decision, pr_curve, select_thresholds, threshold_curve, triplet_metrics
+from cachelora.errors import CacheloraError
+from cachelora.evaluation import (
+    ALL,
+    Scored,
+    Scores,
+    decision,
+    group_bootstrap,
+    max_f1_threshold,
+    models_metrics,
+    pr_curve,
+    triplet_metrics,
+)
+from cachelora.replay import Replay
 
 
-def scores(pos, neg):
-    return Scores(np.array(pos, dtype=float), np.array(neg, dtype=float))
+def scores(pos, neg, groups=None):
+    return Scores(np.array(pos, dtype=float), np.array(neg, dtype=float), None if groups is None else np.array(groups))
 
 
-def test_scores_from_vectors():
+def test_scores_from_vectors_and_groups():
     vectors = {"a": np.array([1.0, 0.0]), "p": np.array([0.6, 0.8]), "n": np.array([0.0, 1.0])}
-    s = Scores.of([{"anchor": "a", "positive": "p", "negative": "n"}], vectors)
-    assert s.pos.tolist() == [pytest.approx(0.6)] and s.neg.tolist() == [0.0]
+    rows = [
+        {"anchor": "a", "positive": "p", "negative": "n", "topic": "Asthma"},
+        {"anchor": "a", "positive": "p", "negative": "n"},
+    ]
+    s = Scores.of(rows, vectors)
+    assert s.pos.tolist() == [pytest.approx(0.6)] * 2 and s.neg.tolist() == [0.0, 0.0]
+    assert s.groups.tolist() == ["topic:asthma", "row:1"]
 
 
 def test_decision_counts():
@@ -20,42 +37,98 @@ def test_decision_counts():
     assert d["precision"] == pytest.approx(2 / 3, abs=1e-6)
     assert d["recall"] == 0.5
     assert d["false_hit_rate"] == 0.25
-    assert d["f1"] == pytest.approx(2 * (2 / 3) * 0.5 / (2 / 3 + 0.5), abs=1e-6)
 
 
-def test_thresholds_separate_a_separable_set():
+def test_max_f1_threshold_separates_a_separable_set():
     s = scores([0.9, 0.8, 0.85], [0.5, 0.6, 0.4])
-    t = select_thresholds(s, target_precision=0.9)
-    assert 0.6 < t["max_f1"] <= 0.8 and decision(s, t["max_f1"])["f1"] == 1.0
-    assert decision(s, t["target_precision"])["precision"] >= 0.9
-
-
-def test_unreachable_target_precision_hits_nothing():
-    s = scores([0.5, 0.5], [0.9, 0.9])
-    t = select_thresholds(s, target_precision=0.99)
-    assert decision(s, t["target_precision"])["recall"] == 0.0
+    t = max_f1_threshold(s)
+    assert 0.6 < t <= 0.8 and decision(s, t)["f1"] == 1.0
 
 
 def test_triplet_metrics_against_baseline():
     base = scores([0.6, 0.6, 0.6, 0.6], [0.5, 0.5, 0.7, 0.5])  # margins .1 .1 -.1 .1 -> mean .05
     better = scores([0.7, 0.7, 0.7, 0.7], [0.5, 0.5, 0.6, 0.5])  # margins .2 .2 .1 .2 -> mean .175
-    m = triplet_metrics(better, base, {"max_f1": 0.65}, resamples=200, seed=0)
-    assert m["margin"] == pytest.approx(0.175)
+    m = triplet_metrics(better, base, resamples=200, seed=0)
+    assert m["margin"] == pytest.approx(0.175) and m["margin_delta"] == pytest.approx(0.125)
     assert m["margin_gain_pct"] == pytest.approx(250.0)
     assert m["triplet_accuracy"] == 1.0
     assert m["margin_gain_pct_ci_low"] <= m["margin_gain_pct"] <= m["margin_gain_pct_ci_high"]
-    assert m["at_max_f1"]["in_sample"] == 0
-    same = triplet_metrics(base, base, {"max_f1": 0.65}, resamples=200, seed=0, in_sample=True)
-    assert same["margin_gain_pct"] == 0 and same["triplet_accuracy"] == 0.75 and same["at_max_f1"]["in_sample"] == 1
+
+
+def test_one_row_is_too_few():
+    with pytest.raises(CacheloraError, match="too few"):
+        triplet_metrics(scores([0.9], [0.1]), scores([0.9], [0.1]), 100, 0)
+
+
+def test_paired_bootstrap_gives_a_constant_shift_a_zero_width_interval():
+    """Every triplet gains the same: a paired interval of the gain has no width; an unpaired one would."""
+    rng = np.random.default_rng(0)
+    pos, neg = rng.uniform(0.3, 0.9, 60), rng.uniform(0.1, 0.7, 60)
+    groups = [f"t{i % 12}" for i in range(60)]
+    base, shifted = scores(pos, neg, groups), scores(pos + 0.05, neg, groups)
+    m = triplet_metrics(shifted, base, resamples=1000, seed=1)
+    assert m["margin_delta"] == pytest.approx(0.05)
+    assert m["margin_delta_ci_high"] - m["margin_delta_ci_low"] < 1e-9
+
+
+def test_bootstrap_draws_whole_groups():
+    """Rows of one topic move together: resampling topics gives a much wider interval than rows would."""
+    rng = np.random.default_rng(0)
+    topic_effect = np.repeat(rng.normal(0, 0.2, 10), 30)  # 10 topics x 30 rows
+    pos, neg = 0.6 + topic_effect + rng.normal(0, 0.01, 300), np.full(300, 0.4)
+    base = scores(np.full(300, 0.5), neg)
+    grouped = triplet_metrics(scores(pos, neg, np.repeat([f"t{i}" for i in range(10)], 30)), base, 1000, 1)
+    rows = triplet_metrics(scores(pos, neg, [f"r{i}" for i in range(300)]), base, 1000, 1)
+    width = lambda m: m["margin_delta_ci_high"] - m["margin_delta_ci_low"]  # noqa: E731
+    assert width(grouped) > 3 * width(rows)
+    weights = group_bootstrap(np.repeat(["a", "b"], [2, 3]), 50, 0)
+    assert all(len(set(w[:2])) == 1 and len(set(w[2:])) == 1 for w in weights)
 
 
 def test_bootstrap_is_seeded():
     rng = np.random.default_rng(0)
     a, b = scores(rng.random(50), rng.random(50)), scores(rng.random(50), rng.random(50))
-    assert triplet_metrics(a, b, {"x": 0.5}, 300, 7) == triplet_metrics(a, b, {"x": 0.5}, 300, 7)
+    assert triplet_metrics(a, b, 300, 7) == triplet_metrics(a, b, 300, 7)
+    assert triplet_metrics(a, b, 300, 7) != triplet_metrics(a, b, 300, 8)
 
 
-def test_curves_have_grid_length():
+def scored(val_top1, test_top1, correct):
+    pair = scores([0.8, 0.7, 0.6, 0.5], [0.4, 0.5, 0.3, 0.6])
+    return {
+        "val": {ALL: Scored(pair, Replay(np.array(val_top1), np.array(correct)))},
+        "test": {ALL: Scored(pair, Replay(np.array(test_top1), np.array(correct)))},
+    }
+
+
+def test_thresholds_come_from_val_never_from_test():
+    """Val and test differ: the reported test figures are at val's operating point, not test's own."""
+    correct = [True, True, False, True]
+    models = {"baseline": scored([0.9, 0.8, 0.7, 0.6], [0.6, 0.5, 0.4, 0.3], correct)}
+    result = models_metrics(models, target_precision=0.95, resamples=100, seed=0)
+    val_point = Replay(np.array([0.9, 0.8, 0.7, 0.6]), np.array(correct)).operating_point(0.95)
+    test_point = Replay(np.array([0.6, 0.5, 0.4, 0.3]), np.array(correct)).operating_point(0.95)
+    assert val_point != test_point
+    test = result["baseline"]["test"][ALL]
+    assert test["replay"]["threshold"] == val_point and test["replay"]["in_sample"] == 0
+    assert test["replay"]["hit_rate"] == 0.0  # no test lookup reaches val's threshold
+    assert result["baseline"]["val"][ALL]["threshold"] == val_point
+    assert result["deploy"]["model"] == "baseline" and result["deploy"]["threshold"] == val_point
+    assert result["deploy"]["test"]["hit_rate"] == test["replay"]["hit_rate"]
+
+
+def test_deploy_picks_the_best_val_hit_rate_at_its_own_operating_point():
+    correct = [True, True, True, False]
+    models = {
+        "baseline": scored([0.9, 0.8, 0.75, 0.7], [0.9, 0.8, 0.7, 0.6], correct),
+        "merged": scored([0.9, 0.85, 0.8, 0.2], [0.9, 0.8, 0.7, 0.6], correct),
+    }
+    result = models_metrics(models, target_precision=0.95, resamples=100, seed=0)
+    assert result["baseline"]["val"][ALL]["hit_rate"] == 0.75 and result["merged"]["val"][ALL]["hit_rate"] == 0.75
+    assert result["deploy"]["model"] == "baseline"  # a tie keeps the earlier (simpler) model
+    models["merged"] = scored([0.9, 0.85, 0.8, 0.8], [0.9, 0.8, 0.7, 0.6], [True, True, True, True])
+    assert models_metrics(models, 0.95, 100, 0)["deploy"]["model"] == "merged"
+
+
+def test_pr_curve_has_grid_length():
     s = scores([0.9, 0.7], [0.3, 0.75])
-    assert len(threshold_curve(s)["f1"]) == len(pr_curve(s)) == 51
-    assert pr_curve(s)[0] == 1.0
+    assert len(pr_curve(s)) == 101 and pr_curve(s)[0] == 1.0

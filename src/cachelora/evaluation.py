@@ -1,8 +1,8 @@
-"""Honest metrics for triplets: similarity margins with paired-bootstrap CIs, and the cache decision.
+"""Honest metrics for triplets: cache replay at a val-chosen operating point, ranking quality, margins.
 
-A cache hits when cos(query, cached query) >= threshold: (anchor, positive) pairs should hit,
-(anchor, negative) pairs must not. Thresholds are chosen on one set (val) and reported on
-another (test); a threshold chosen on the set it is reported on is marked ``in_sample``.
+Thresholds are chosen on one set (val) and reported on others (test, the natural test set); a
+threshold chosen on the set it is reported on is marked ``in_sample``. Confidence intervals come
+from a paired bootstrap over whole groups (topics), the unit the split keeps apart.
 """
 
 from __future__ import annotations
@@ -17,50 +17,61 @@ import numpy as np
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 from cachelora import paths
+from cachelora.errors import CacheloraError
 from cachelora.params import MULTI, Params
-from cachelora.records import TEXT_FIELDS, read_triplets, write_json
+from cachelora.records import TEXT_FIELDS, normalise, read_triplets, write_json
+from cachelora.replay import GRID, Replay
 
 BASELINE = "baseline"
+ALL = "all"
 MACRO_KEYS = ("margin", "margin_gain_pct", "triplet_accuracy", "average_precision")
-GRID = np.round(np.linspace(0.0, 1.0, 51), 4)
+REPORTED_SETS = ("test", "natural_dev", "natural_test")
+CHOSEN_ON = "val"
 
 
 @dataclass(frozen=True)
 class Scores:
-    """cos(anchor, positive) and cos(anchor, negative), one pair per triplet."""
+    """cos(anchor, positive) and cos(anchor, negative), one pair per triplet, and its bootstrap group."""
 
     pos: np.ndarray
     neg: np.ndarray
+    groups: np.ndarray | None = None
 
     @classmethod
     def of(cls, rows: list[dict[str, Any]], vectors: dict[str, np.ndarray]) -> Scores:
         anchors = np.stack([vectors[r["anchor"]] for r in rows])
         pos = np.einsum("ij,ij->i", anchors, np.stack([vectors[r["positive"]] for r in rows]))
         neg = np.einsum("ij,ij->i", anchors, np.stack([vectors[r["negative"]] for r in rows]))
-        return cls(pos.astype(np.float64), neg.astype(np.float64))
+        return cls(
+            pos.astype(np.float64), neg.astype(np.float64), np.array([group_of(r, i) for i, r in enumerate(rows)])
+        )
 
     @property
     def labels_and_scores(self) -> tuple[np.ndarray, np.ndarray]:
-        """The cache view: label 1 for should-hit pairs, 0 for must-not-hit pairs."""
+        """The pair view: label 1 for should-hit pairs, 0 for must-not-hit pairs."""
         labels = np.concatenate([np.ones_like(self.pos), np.zeros_like(self.neg)])
         return labels, np.concatenate([self.pos, self.neg])
 
 
-def select_thresholds(scores: Scores, target_precision: float) -> dict[str, float]:
-    """``max_f1``: the threshold with the best F1; ``target_precision``: the lowest reaching the target."""
+def group_of(row: dict[str, Any], index: int) -> str:
+    """A row's bootstrap group: its topic (across domains), else its original query, else itself."""
+    for key in ("topic_group", "topic"):
+        if row.get(key):
+            return f"topic:{normalise(str(row[key]))}"
+    return f"source:{row['source_id']}" if row.get("source_id") else f"row:{index}"
+
+
+def max_f1_threshold(scores: Scores) -> float:
+    """The pair-view threshold with the best F1 (a secondary view beside the replay operating point)."""
     labels, values = scores.labels_and_scores
     precision, recall, thresholds = precision_recall_curve(labels, values)
     precision, recall = precision[:-1], recall[:-1]
     f1 = np.where(precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0)
-    reaching = np.flatnonzero(precision >= target_precision)
-    return {
-        "max_f1": float(thresholds[int(np.argmax(f1))]),
-        "target_precision": float(thresholds[reaching[0]]) if reaching.size else float(values.max() + 1e-6),
-    }
+    return float(thresholds[int(np.argmax(f1))])
 
 
 def decision(scores: Scores, threshold: float) -> dict[str, float]:
-    """precision, recall, f1 and false_hit_rate of 'hit when cos >= threshold'."""
+    """Pair view of 'hit when cos >= threshold': precision, recall, f1 and false_hit_rate."""
     tp = int((scores.pos >= threshold).sum())
     fp = int((scores.neg >= threshold).sum())
     precision = tp / (tp + fp) if tp + fp else 0.0
@@ -75,40 +86,47 @@ def decision(scores: Scores, threshold: float) -> dict[str, float]:
     }
 
 
+def group_bootstrap(groups: np.ndarray, resamples: int, seed: int) -> np.ndarray:
+    """Weights (resamples x rows): how often each row's group was drawn, drawing whole groups."""
+    names, index = np.unique(groups, return_inverse=True)
+    draws = np.random.default_rng(seed).integers(0, len(names), size=(resamples, len(names)))
+    counts = np.zeros((resamples, len(names)))
+    np.add.at(counts, (np.arange(resamples)[:, None], draws), 1)
+    return counts[:, index]
+
+
 def _ci(samples: np.ndarray) -> tuple[float, float]:
     low, high = np.nanpercentile(samples, [2.5, 97.5])  # a resample can have a zero baseline margin
     return round(float(low), 6), round(float(high), 6)
 
 
-def triplet_metrics(
-    scores: Scores,
-    baseline: Scores,
-    thresholds: dict[str, float],
-    resamples: int,
-    seed: int,
-    in_sample: bool = False,
-    chosen_on: Scores | None = None,
-) -> dict[str, Any]:
-    """Every metric DESIGN.md names, for one model on one set of triplets.
-
-    ``chosen_on`` is the set the thresholds were chosen on (val): its precision and recall at each
-    threshold are reported beside the ones measured here.
-    """
+def triplet_metrics(scores: Scores, baseline: Scores, resamples: int, seed: int) -> dict[str, Any]:
+    """Margins, accuracy and ranking quality of one model on one set, against the baseline on the
+    same triplets; intervals from a paired bootstrap that draws whole groups."""
+    if len(scores.pos) < 2:
+        raise CacheloraError(f"{len(scores.pos)} triplet(s): too few to evaluate")
     margins, base_margins = scores.pos - scores.neg, baseline.pos - baseline.neg
     correct = (scores.pos > scores.neg).astype(np.float64)
-    idx = np.random.default_rng(seed).integers(0, len(margins), size=(resamples, len(margins)))
-    base_means = base_margins[idx].mean(axis=1)
-    gains = (margins[idx].mean(axis=1) - base_means) / np.where(base_means != 0, base_means, np.nan) * 100
+    groups = scores.groups if scores.groups is not None else np.arange(len(margins)).astype(str)
+    weights = group_bootstrap(groups, resamples, seed)
+    sizes = weights.sum(axis=1)
+    model_means, base_means = weights @ margins / sizes, weights @ base_margins / sizes
+    gains = (model_means - base_means) / np.where(base_means != 0, base_means, np.nan) * 100
     base_margin = float(base_margins.mean())
     gain = (float(margins.mean()) - base_margin) / base_margin * 100 if base_margin else float("nan")
     labels, values = scores.labels_and_scores
     gain_low, gain_high = _ci(gains)
-    acc_low, acc_high = _ci(correct[idx].mean(axis=1))
+    delta_low, delta_high = _ci(model_means - base_means)
+    acc_low, acc_high = _ci(weights @ correct / sizes)
     return {
         "triplets": len(margins),
+        "groups": len(np.unique(groups)),
         "pos_sim": round(float(scores.pos.mean()), 6),
         "neg_sim": round(float(scores.neg.mean()), 6),
         "margin": round(float(margins.mean()), 6),
+        "margin_delta": round(float(margins.mean()) - base_margin, 6),
+        "margin_delta_ci_low": delta_low,
+        "margin_delta_ci_high": delta_high,
         "margin_gain_pct": round(gain, 6),
         "margin_gain_pct_ci_low": gain_low,
         "margin_gain_pct_ci_high": gain_high,
@@ -117,22 +135,7 @@ def triplet_metrics(
         "triplet_accuracy_ci_high": acc_high,
         "average_precision": round(float(average_precision_score(labels, values)), 6),
         "roc_auc": round(float(roc_auc_score(labels, values)), 6),
-        **{f"at_{name}": _at(scores, t, in_sample, chosen_on) for name, t in thresholds.items()},
     }
-
-
-def _at(scores: Scores, threshold: float, in_sample: bool, chosen_on: Scores | None) -> dict[str, float]:
-    result = {**decision(scores, threshold), "in_sample": int(in_sample)}
-    if chosen_on is not None:
-        on_val = decision(chosen_on, threshold)
-        result.update(val_precision=on_val["precision"], val_recall=on_val["recall"])
-    return result
-
-
-def threshold_curve(scores: Scores) -> dict[str, list[float]]:
-    """precision, recall and F1 at each threshold of a fixed grid (for plots)."""
-    rows = [decision(scores, float(t)) for t in GRID]
-    return {key: [row[key] for row in rows] for key in ("precision", "recall", "f1")}
 
 
 def pr_curve(scores: Scores, recall_grid: np.ndarray = GRID) -> list[float]:
@@ -142,29 +145,42 @@ def pr_curve(scores: Scores, recall_grid: np.ndarray = GRID) -> list[float]:
     return [round(float(precision[recall >= r].max()), 6) for r in recall_grid]
 
 
-def domain_entries(eval_metrics: dict[str, Any], model: str) -> dict[str, dict[str, Any]]:
-    """A model's per-domain entries in eval.json (``macro`` and other non-domain keys left out)."""
-    entries = eval_metrics.get(model) or {}
-    return {d: m for d, m in entries.items() if isinstance(m, dict) and "at_max_f1" in m}
-
-
 def macro(per_domain: dict[str, dict[str, Any]], keys: tuple[str, ...]) -> dict[str, float]:
     """Unweighted mean of ``keys`` over domains."""
     return {key: round(float(np.mean([m[key] for m in per_domain.values()])), 6) for key in keys}
 
 
+# --- one model on named groups of rows -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One model's pair scores and cache replay on one group of rows."""
+
+    scores: Scores
+    replay: Replay
+
+
+def with_all(by_domain: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+    """Rows per domain plus ``all`` (every domain pooled: the cross-domain cache)."""
+    return {**by_domain, ALL: [row for rows in by_domain.values() for row in rows]}
+
+
 def score_models(
-    loaders: dict[str, Callable[[], Any]], sets: dict[str, list[dict[str, Any]]], batch_size: int
-) -> dict[str, dict[str, Scores]]:
-    """Scores of every model on every set; each model loads once and encodes each distinct text once."""
+    loaders: dict[str, Callable[[], Any]], sets: dict[str, dict[str, list[dict[str, Any]]]], batch_size: int
+) -> dict[str, dict[str, dict[str, Scored]]]:
+    """model -> set -> group -> scores; each model loads once and encodes each distinct text once."""
     from cachelora.base_model import encode_unique
 
-    texts = [row[f] for rows in sets.values() for row in rows for f in TEXT_FIELDS]
-    scores = {}
+    texts = [row[f] for groups in sets.values() for rows in groups.values() for row in rows for f in TEXT_FIELDS]
+    scored = {}
     for name, load in loaders.items():
         vectors = encode_unique(load(), texts, batch_size, desc=f"evaluate {name}")
-        scores[name] = {key: Scores.of(rows, vectors) for key, rows in sets.items()}
-    return scores
+        scored[name] = {
+            set_name: {g: Scored(Scores.of(rows, vectors), Replay.of(rows, vectors)) for g, rows in groups.items()}
+            for set_name, groups in sets.items()
+        }
+    return scored
 
 
 def model_loaders(base_model: str, adapters: dict[str, Path], device: str = "cpu") -> dict[str, Callable[[], Any]]:
@@ -178,67 +194,185 @@ def model_loaders(base_model: str, adapters: dict[str, Path], device: str = "cpu
     return loaders
 
 
-def pipeline_evaluation(params: Params) -> dict[str, Any]:
-    """Evaluate the pipeline's models and write eval.json, the plot data and the figures."""
-    result, scores = pipeline_metrics(params)
-    write_json(paths.METRICS_DIR / "eval.json", result)
-    write_plots(scores, params.domains, result)
+def operating_points(val: dict[str, Scored], target_precision: float) -> dict[str, dict[str, float]]:
+    """Per group: the replay threshold reaching ``target_precision`` on val, and the pair-view max-F1 one."""
+    return {
+        group: {"replay": s.replay.operating_point(target_precision), "max_f1": max_f1_threshold(s.scores)}
+        for group, s in val.items()
+    }
+
+
+def report_set(
+    model: dict[str, Scored],
+    baseline: dict[str, Scored],
+    thresholds: dict[str, dict[str, float]],
+    resamples: int,
+    seed: int,
+    in_sample: bool = False,
+) -> dict[str, Any]:
+    """Every metric of one model on one set's groups, at the given thresholds (a group without
+    thresholds of its own takes ``all``'s)."""
+    result: dict[str, Any] = {}
+    for group, s in model.items():
+        chosen = thresholds.get(group) or thresholds[ALL]
+        result[group] = {
+            **triplet_metrics(s.scores, baseline[group].scores, resamples, seed),
+            "replay": {**s.replay.at(chosen["replay"]), "in_sample": int(in_sample)},
+            "at_max_f1": {**decision(s.scores, chosen["max_f1"]), "in_sample": int(in_sample)},
+        }
+    domains = {g: m for g, m in result.items() if g != ALL}
+    if len(domains) > 1:
+        result["macro"] = macro(domains, MACRO_KEYS)
     return result
 
 
-def pipeline_metrics(params: Params) -> tuple[dict[str, Any], dict[str, dict[str, Scores]]]:
-    """Every pipeline model on every domain: thresholds chosen on val, metrics reported on test."""
+# --- the pipeline ----------------------------------------------------------------------------------
+
+
+def natural_rows(path: Path, domains: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """A natural set's rows by domain (rows of domains params do not list are left out); every
+    domain needs rows of its own."""
+    by_domain: dict[str, list[dict[str, Any]]] = {d: [] for d in domains}
+    for row in read_triplets(path, (*TEXT_FIELDS, "domain")):
+        if row["domain"] in by_domain:
+            by_domain[row["domain"]].append(row)
+    for domain, rows in by_domain.items():
+        if len(rows) < 2:
+            raise CacheloraError(f"{path}: {len(rows)} row(s) for domain '{domain}' (write natural queries for it)")
+    return by_domain
+
+
+def pipeline_sets(params: Params) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """set -> group -> rows: val and test splits and the natural dev and test sets, each with ``all``."""
+    sets = {
+        split: with_all({d: read_triplets(paths.split_file(d, split)) for d in params.domains})
+        for split in (CHOSEN_ON, "test")
+    }
+    for split in ("dev", "test"):
+        sets[f"natural_{split}"] = with_all(natural_rows(paths.natural(split), params.domains))
+    return sets
+
+
+def contamination(params: Params, sets: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, int]:
+    """Natural test texts also found where training or choices could have seen them (must all be 0)."""
+    from cachelora.splitting import texts_of
+
+    seen = {
+        "train": texts_of([r for d in params.domains for r in read_triplets(paths.split_file(d, "train"))]),
+        "val": texts_of([r for rows in sets[CHOSEN_ON].values() for r in rows]),
+        "natural_dev": texts_of([r for rows in sets["natural_dev"].values() for r in rows]),
+    }
+    natural_test = texts_of([r for rows in sets["natural_test"].values() for r in rows])
+    counts = {f"natural_test_in_{name}": len(natural_test & texts) for name, texts in seen.items()}
+    if any(counts.values()):
+        raise CacheloraError(f"{paths.natural('test')}: shares text with data used to train or choose: {counts}")
+    return counts
+
+
+def replay_entry(model: dict[str, Any], set_name: str, group: str) -> dict[str, Any]:
+    """A model's replay figures on one set and group of eval.json (val holds replay figures only)."""
+    entry = model[set_name][group]
+    return entry if set_name == CHOSEN_ON else entry["replay"]
+
+
+def choose_deploy(result: dict[str, Any], models: list[str]) -> dict[str, Any]:
+    """The model with the best val hit rate (cross-domain cache) at its own operating point, with
+    its thresholds and the figures measured at exactly those thresholds."""
+    best = max(models, key=lambda m: (result[m][CHOSEN_ON][ALL]["hit_rate"], -models.index(m)))
+    entry = result[best]
+    figures = ("threshold", "hit_rate", "hit_precision", "false_hit_rate")
+    sets = [name for name in (CHOSEN_ON, *REPORTED_SETS) if name in entry]
+
+    def at(set_name: str, group: str) -> dict[str, Any]:
+        return {k: replay_entry(entry, set_name, group)[k] for k in figures}
+
+    domains = [g for g in entry[CHOSEN_ON] if g != ALL]
+    return {
+        "model": best,
+        "threshold": entry[CHOSEN_ON][ALL]["threshold"],
+        "per_domain_thresholds": {d: entry[CHOSEN_ON][d]["threshold"] for d in domains},
+        **{name: at(name, ALL) for name in sets},
+        "per_domain": {d: {name: at(name, d) for name in sets if d in entry[name]} for d in domains},
+    }
+
+
+def pipeline_metrics(params: Params) -> tuple[dict[str, Any], dict[str, dict[str, dict[str, Scored]]]]:
+    """Every pipeline model on every set: operating points chosen on val, reported elsewhere."""
     from cachelora.base_model import weights_sha256
     from cachelora.merging import MERGED
 
     ep = params.evaluate
     names = [*params.train_models, MERGED]
     loaders = model_loaders(params.base_model, {n: paths.model_dir(n) for n in names}, params.train.device)
-    sets = {
-        f"{domain}/{split}": read_triplets(paths.split_file(domain, split))
-        for domain in params.domains
-        for split in ("val", "test")
+    sets = pipeline_sets(params)
+    checked = contamination(params, sets)
+    scored = score_models(loaders, sets, ep.batch_size)
+    result: dict[str, Any] = {
+        "base_model": {"name": params.base_model, "sha256": weights_sha256(params.base_model)},
+        "target_precision": ep.target_precision,
+        "contamination": checked,
     }
-    scores = score_models(loaders, sets, ep.batch_size)
-    result: dict[str, Any] = {"base_model": {"name": params.base_model, "sha256": weights_sha256(params.base_model)}}
-    for name, by_set in scores.items():
-        per_domain = {
-            domain: triplet_metrics(
-                by_set[f"{domain}/test"],
-                scores[BASELINE][f"{domain}/test"],
-                select_thresholds(by_set[f"{domain}/val"], ep.target_precision),
-                ep.bootstrap,
-                ep.seed,
-                chosen_on=by_set[f"{domain}/val"],
-            )
-            for domain in params.domains
+    result.update(models_metrics(scored, ep.target_precision, ep.bootstrap, ep.seed))
+    return result, scored
+
+
+def models_metrics(
+    scored: dict[str, dict[str, dict[str, Scored]]], target_precision: float, resamples: int, seed: int
+) -> dict[str, Any]:
+    """Each model's operating points chosen on val and its metrics on every reported set at exactly
+    those thresholds, then the ``deploy`` choice (made on val only)."""
+    result: dict[str, Any] = {}
+    for name, by_set in scored.items():
+        chosen = operating_points(by_set[CHOSEN_ON], target_precision)
+        result[name] = {
+            CHOSEN_ON: {g: s.replay.at(chosen[g]["replay"]) for g, s in by_set[CHOSEN_ON].items()},
+            **{
+                set_name: report_set(by_set[set_name], scored[BASELINE][set_name], chosen, resamples, seed)
+                for set_name in REPORTED_SETS
+                if set_name in by_set
+            },
         }
-        result[name] = {**per_domain, "macro": macro(per_domain, MACRO_KEYS)}
-    return result, scores
+    result["deploy"] = choose_deploy(result, list(scored))
+    return result
 
 
-def write_plots(scores: dict[str, dict[str, Scores]], domains: list[str], result: dict[str, Any]) -> None:
-    """DVC plot data (threshold and PR curves per domain) and the PNG figures."""
+def pipeline_evaluation(params: Params) -> dict[str, Any]:
+    """Evaluate the pipeline's models and write eval.json, the plot data and the figures."""
+    result, scored = pipeline_metrics(params)
+    write_json(paths.METRICS_DIR / "eval.json", result)
+    write_plots(scored, params, result)
+    return result
+
+
+def write_plots(scored: dict[str, dict[str, dict[str, Scored]]], params: Params, result: dict[str, Any]) -> None:
+    """DVC plot data (replay and PR curves) and the PNG figures."""
     from cachelora import figures
+    from cachelora.merging import MERGED
 
+    shown = list(dict.fromkeys([BASELINE, MULTI, MERGED, result["deploy"]["model"]]))
+    replay_curves: dict[str, dict[str, dict[str, list[dict[str, float]]]]] = {}
+    for set_name in ("test", "natural_test"):
+        replay_curves[set_name] = {}
+        for name in scored:
+            groups = scored[name][set_name]
+            curves = {g: s.replay.curve() for g, s in groups.items()}
+            write_json(
+                paths.METRICS_DIR / "plots" / "replay" / set_name / f"{name}.json",
+                curves[ALL] if ALL in curves else next(iter(curves.values())),
+            )
+            if name in shown:
+                replay_curves[set_name][name] = curves
     pr: dict[str, dict[str, list[float]]] = {}
-    for domain in domains:
-        roles = {"baseline": BASELINE, "adapter": domain, "multi": MULTI, "merged": "merged"}
-        test = {role: scores[name][f"{domain}/test"] for role, name in roles.items()}
-        curves = {role: threshold_curve(s) for role, s in test.items()}
-        write_json(
-            paths.METRICS_DIR / "plots" / "threshold" / f"{domain}.json",
-            [
-                {"threshold": float(t), **{f"{role}_{k}": curve[k][i] for role, curve in curves.items() for k in curve}}
-                for i, t in enumerate(GRID)
-            ],
-        )
-        precision = {role: pr_curve(s) for role, s in test.items()}
+    for domain in params.domains:
+        roles = {"baseline": BASELINE, "adapter": domain, "multi": MULTI, "merged": MERGED}
+        precision = {role: pr_curve(scored[name]["test"][domain].scores) for role, name in roles.items()}
         write_json(
             paths.METRICS_DIR / "plots" / "pr" / f"{domain}.json",
             [{"recall": float(r), **{role: p[i] for role, p in precision.items()}} for i, r in enumerate(GRID)],
         )
         pr[domain] = {roles[role]: p for role, p in precision.items()}
+    operating = {name: result[name] for name in shown}
+    figures.replay_curves(replay_curves, operating, paths.METRICS_DIR / "figures" / "replay.png")
     figures.pr_curves(pr, GRID, paths.METRICS_DIR / "figures" / "pr_curves.png")
-    models = [name for name in scores if name != BASELINE]
-    figures.gain_heatmap(result, domains, models, paths.METRICS_DIR / "figures" / "margin_gain.png")
+    models = [name for name in scored if name != BASELINE]
+    figures.gain_heatmap(result, params.domains, models, paths.METRICS_DIR / "figures" / "margin_gain.png")

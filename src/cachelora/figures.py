@@ -1,4 +1,4 @@
-"""PNG figures people would rather look at than JSON: PR curves and a margin-gain heatmap."""
+"""PNG figures people would rather look at than JSON: replay and PR curves, a margin-gain heatmap."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def pr_curves(curves: dict[str, dict[str, list[float]]], recall_grid: np.ndarray
 
 def gain_heatmap(metrics: dict[str, dict[str, Any]], domains: list[str], models: list[str], path: Path) -> None:
     """Model x domain margin gain (% over baseline, test split)."""
-    values = np.array([[metrics[m][d]["margin_gain_pct"] for d in domains] for m in models])
+    values = np.array([[metrics[m]["test"][d]["margin_gain_pct"] for d in domains] for m in models])
     fig, ax = plt.subplots(figsize=(1.4 * len(domains) + 2, 0.55 * len(models) + 1.5))
     limit = max(1.0, float(np.abs(values).max()))
     image = ax.imshow(values, cmap="RdYlGn", vmin=-limit, vmax=limit, aspect="auto")
@@ -49,16 +49,26 @@ def gain_heatmap(metrics: dict[str, dict[str, Any]], domains: list[str], models:
     _save(fig, path)
 
 
-def loss_curves(histories: dict[str, list[dict[str, float]]], path: Path) -> None:
-    """Training loss per step for each adapter."""
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, history in histories.items():
-        steps = [h["step"] for h in history]
-        losses = np.array([h["loss"] for h in history])
-        window = max(1, len(losses) // 10)
-        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
-        ax.plot(steps[window - 1 :], smooth, label=name)
-    ax.set(xlabel="step", ylabel="MNR loss (moving average)", title="training loss")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+SET_TITLES = {"test": "generated test", "natural_test": "natural test"}
+
+
+def replay_curves(
+    curves: dict[str, dict[str, dict[str, list[dict[str, float]]]]], operating: dict[str, Any], path: Path
+) -> None:
+    """Cache replay, one row per set and one panel per domain (and all): hit precision against hit
+    rate as the threshold falls, one line per model, a dot at its val-chosen operating point."""
+    sets = list(curves)
+    groups = list(next(iter(curves[sets[0]].values())))
+    fig, axes = plt.subplots(len(sets), len(groups), figsize=(3.6 * len(groups), 3.4 * len(sets)), squeeze=False)
+    for row, set_name in enumerate(sets):
+        for ax, group in zip(axes[row], groups, strict=True):
+            for model, by_group in curves[set_name].items():
+                points = by_group[group]
+                line = ax.plot([p["hit_rate"] for p in points], [p["hit_precision"] for p in points], label=model)
+                chosen = operating[model][set_name][group]["replay"]
+                ax.plot(chosen["hit_rate"], chosen["hit_precision"], "o", color=line[0].get_color())
+            ax.set(title=f"{group} ({SET_TITLES.get(set_name, set_name)})", xlabel="hit rate", ylabel="hit precision")
+            ax.set(xlim=(0, 1.01), ylim=(0.3, 1.01))
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(loc="lower left", fontsize=8)
     _save(fig, path)

@@ -104,7 +104,7 @@ class MergeParams(_Strict):
 
 
 class EvaluateParams(_Strict):
-    target_precision: float = Field(0.9, gt=0, le=1)
+    target_precision: float = Field(0.95, gt=0, le=1)
     bootstrap: int = Field(1000, ge=100)
     seed: int = 42
     batch_size: int = Field(128, ge=1)

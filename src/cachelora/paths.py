@@ -29,6 +29,11 @@ def split_file(domain: str, split: str) -> Path:
     return split_dir(domain) / f"{split}.jsonl"
 
 
+def natural(split: str) -> Path:
+    """Hand-written natural triplets: ``dev`` chooses defaults, ``test`` is only reported."""
+    return Path("data/natural") / f"{split}.jsonl"
+
+
 def stage_metrics(stage: str, name: str) -> Path:
     return METRICS_DIR / stage / f"{name}.json"
 
