@@ -30,8 +30,24 @@ lint: install
 clean-venv:
 	rm -rf $(VENV)
 
+# Loopback S3 for development: moto's server on 127.0.0.1:$(S3_PORT), in the foreground, data in
+# memory (Ctrl-C stops it and drops everything). Points the default remote `storage` at it in
+# .dvc/config.local (dummy credentials) and creates the bucket.
+S3_PORT ?= 5555
+S3_BUCKET ?= cachelora
 s3-local: install
-	$(BIN)/cachelora s3 local
+	$(BIN)/dvc remote modify --local storage endpointurl http://127.0.0.1:$(S3_PORT)
+	$(BIN)/dvc remote modify --local storage access_key_id testing
+	$(BIN)/dvc remote modify --local storage secret_access_key testing
+	$(BIN)/moto_server -H 127.0.0.1 -p $(S3_PORT) & server=$$!; \
+	trap 'kill $$server 2>/dev/null' EXIT INT TERM; \
+	until $(BIN)/python -c "import socket; socket.create_connection(('127.0.0.1', $(S3_PORT)), 1)" 2>/dev/null; do \
+		kill -0 $$server 2>/dev/null || exit 1; sleep 0.2; done; \
+	$(BIN)/python -c "import boto3; boto3.client('s3', endpoint_url='http://127.0.0.1:$(S3_PORT)', \
+		region_name='us-east-1', aws_access_key_id='testing', aws_secret_access_key='testing')\
+		.create_bucket(Bucket='$(S3_BUCKET)')" || exit 1; \
+	echo "s3-local: S3 at http://127.0.0.1:$(S3_PORT), bucket $(S3_BUCKET); Ctrl-C stops it"; \
+	wait $$server
 
 bench: install
 	$(BIN)/python benchmarks/bench_train.py

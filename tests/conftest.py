@@ -92,3 +92,77 @@ def tiny_adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
     trained = train_model("medical", tiny_model_params(), [train_file])
     save_adapter(trained.model, root / "medical", "all-MiniLM-L6-v2", trained.info, trained.probe)
     return root / "medical"
+
+
+S3_DUMMY_CREDENTIALS = {"access_key_id": "testing", "secret_access_key": "testing"}  # moto accepts any
+
+
+class LoopbackS3:
+    """moto's S3 server in a thread on a free 127.0.0.1 port, with ``bucket`` created:
+    ``with LoopbackS3(repo) as endpoint: ...``. With ``repo``, ``dvc remote modify --local`` points
+    its ``remote`` at the server, with dummy credentials. moto's state is process-wide: it is reset
+    on start and on stop."""
+
+    def __init__(self, repo: Path | None = None, bucket: str = "cachelora", remote: str = "storage") -> None:
+        self.repo, self.bucket, self.remote = repo, bucket, remote
+        self.server: object | None = None
+        self.endpoint = ""
+
+    def __enter__(self) -> str:
+        import logging
+
+        import boto3
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self.server.start()
+        host, port = self.server.get_host_and_port()
+        self.endpoint = f"http://{host}:{port}"
+        try:
+            self._reset()
+            boto3.client(
+                "s3",
+                endpoint_url=self.endpoint,
+                region_name="us-east-1",
+                aws_access_key_id=S3_DUMMY_CREDENTIALS["access_key_id"],
+                aws_secret_access_key=S3_DUMMY_CREDENTIALS["secret_access_key"],
+            ).create_bucket(Bucket=self.bucket)
+            if self.repo is not None:
+                self._configure(self.repo)
+        except BaseException:
+            self.server.stop()
+            raise
+        return self.endpoint
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self._reset()
+        except OSError:
+            pass
+        finally:
+            self.server.stop()
+
+    def _configure(self, repo: Path) -> None:
+        import os
+        import subprocess
+        import sys
+
+        for key, value in {"endpointurl": self.endpoint, **S3_DUMMY_CREDENTIALS}.items():
+            subprocess.run(
+                [sys.executable, "-m", "dvc", "remote", "modify", "--local", self.remote, key, value],
+                cwd=repo,
+                env={**os.environ, "DVC_NO_ANALYTICS": "1"},
+                check=True,
+                capture_output=True,
+            )
+
+    def _reset(self) -> None:
+        import http.client
+
+        conn = http.client.HTTPConnection(self.endpoint.removeprefix("http://"), timeout=10)
+        try:
+            conn.request("POST", "/moto-api/reset")
+            assert conn.getresponse().status == 200
+        finally:
+            conn.close()

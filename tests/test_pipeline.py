@@ -213,11 +213,15 @@ def test_exported_model_matches_base_plus_adapter(pipeline):
 
 
 def test_push_wipe_pull_verify_then_publish_and_fetch(pipeline):
-    repo = pipeline
-    from cachelora.storage import start_local_s3, stop_local_s3
+    import hashlib
 
-    start_local_s3(repo)
-    try:
+    import boto3
+
+    from tests.conftest import S3_DUMMY_CREDENTIALS, LoopbackS3
+
+    repo = pipeline
+    url = "s3://cachelora/releases/v1"
+    with LoopbackS3(repo) as endpoint:
         run(repo, "dvc", "push")
         outputs = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
         shutil.rmtree(repo / ".dvc/cache")
@@ -230,14 +234,32 @@ def test_push_wipe_pull_verify_then_publish_and_fetch(pipeline):
         assert "in sync" in run(repo, "dvc", "status", "-c").stdout
         assert "verify: OK" in run(repo, "cachelora", "verify").stdout
 
-        published = run(repo, "cachelora", "publish", "--to", "s3://cachelora/releases/v1").stdout
+        published = run(repo, "cachelora", "publish", "--to", url).stdout
         assert "published" in published
-        again = run(repo, "cachelora", "publish", "--to", "s3://cachelora/releases/v1", check=False)
+        digest = published.split("manifest sha256: ", 1)[1].split()[0]
+        record = json.loads((repo / "releases.json").read_text())[url]
+        assert record["manifest_sha256"] == digest and record["files"] > 0 and record["bytes"] > 0
+        again = run(repo, "cachelora", "publish", "--to", url, check=False)
         assert again.returncode == 1 and "never overwritten" in again.stderr
-        run(repo, "cachelora", "fetch", "--from", "s3://cachelora/releases/v1", "--to", "fetched")
+
+        run(repo, "cachelora", "fetch", "--from", url, "--to", "fetched")  # digest from releases.json
+        assert hashlib.sha256((repo / "fetched/manifest.json").read_bytes()).hexdigest() == digest
         manifest = json.loads((repo / "fetched/manifest.json").read_text())
         names = {entry["path"] for entry in manifest["files"]}
         expected = {"RESULTS.md", "dvc.lock", "model/cache_config.json", "adapters/merged/adapter_model.safetensors"}
         assert expected <= names
-    finally:
-        stop_local_s3(repo)
+        run(repo, "cachelora", "fetch", "--from", url, "--to", "fetched-by-digest", "--sha256", digest)
+
+        client = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=S3_DUMMY_CREDENTIALS["access_key_id"],
+            aws_secret_access_key=S3_DUMMY_CREDENTIALS["secret_access_key"],
+        )
+        client.put_object(Bucket="cachelora", Key="releases/v1/RESULTS.md", Body=b"# tampered\n")
+        before = set(repo.iterdir())
+        tampered = run(repo, "cachelora", "fetch", "--from", url, "--to", "tampered", check=False)
+        assert tampered.returncode == 1
+        assert tampered.stderr.strip().splitlines()[-1].startswith(f"error: {url}/RESULTS.md: size mismatch")
+        assert set(repo.iterdir()) == before  # no tampered/, no temp dir

@@ -1,42 +1,36 @@
-"""Loopback S3 (a real moto server on 127.0.0.1), remote checks, and release publish/fetch."""
+"""Loopback S3 (moto's server in a thread), one-line S3 errors, and release publish/fetch."""
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
-import os
 import shutil
-import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
 from dvc.config import Config
 from dvc.repo import Repo
 
+from cachelora import releases
 from cachelora.errors import CacheloraError
-from cachelora.storage import (
-    DUMMY_KEY,
-    DUMMY_SECRET,
-    STATE_FILE,
-    LocalS3,
-    _edit_local_remote,
-    _free_port,
-    _is_moto,
-    check_remote,
-    fetch_cmd,
+from cachelora.releases import (
+    RELEASES_FILE,
     fetch_release,
     publish_release,
-    s3,
-    s3_client,
-    start_local_s3,
-    stop_local_s3,
+    record_release,
+    required_digest,
     write_manifest,
 )
+from cachelora.storage import s3_client
+from tests.conftest import S3_DUMMY_CREDENTIALS, LoopbackS3
 
 DVC = [sys.executable, "-m", "dvc"]
 AWS_VARS = (
@@ -55,7 +49,7 @@ AWS_VARS = (
 @dataclass
 class Server:
     repo: Path
-    info: LocalS3
+    endpoint: str
 
 
 def make_repo(root: Path, url: str = "s3://cachelora/dvc", **local: str) -> Path:
@@ -68,7 +62,8 @@ def make_repo(root: Path, url: str = "s3://cachelora/dvc", **local: str) -> Path
         conf["core"]["remote"] = "storage"
         conf["remote"]["storage"] = {"url": url, "region": "us-east-1"}
     if local:
-        _edit_local_remote(root, "storage", local, {})
+        with config.edit("local") as conf:
+            conf["remote"]["storage"] = local
     return root
 
 
@@ -76,12 +71,6 @@ def dvc(repo: Path, *args: str) -> str:
     result = subprocess.run([*DVC, *args], cwd=repo, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, f"dvc {' '.join(args)}: {result.stdout}{result.stderr}"
     return result.stdout
-
-
-def kill_if_alive(pid: int) -> None:
-    if _is_moto(pid):
-        os.killpg(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -103,38 +92,21 @@ def clean_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def server(clean_env: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """A real moto server for a temp repo, started with ``start_local_s3``; always killed."""
-    repo = tmp_path_factory.mktemp("repo")
-    dvc(repo, "init", "--no-scm", "-q")
-    dvc(repo, "remote", "add", "-d", "storage", "s3://cachelora/dvc")
-    dvc(repo, "remote", "modify", "storage", "region", "us-east-1")
-    info = start_local_s3(repo)
-    try:
-        yield Server(repo, info)
-    finally:
-        try:
-            stop_local_s3(repo)
-        finally:
-            kill_if_alive(info.pid)
+    """moto's S3 server (a thread of this process) with bucket ``cachelora``, and a temp DVC repo
+    whose default remote points at it through ``dvc remote modify --local``."""
+    repo = make_repo(tmp_path_factory.mktemp("repo"))
+    with LoopbackS3(repo) as endpoint:
+        yield Server(repo, endpoint)
 
 
-def test_start_creates_bucket_and_configures_local_remote(server: Server) -> None:
-    assert server.info.bucket == "cachelora" and server.info.endpoint == f"http://127.0.0.1:{server.info.port}"
-    assert not server.info.already_running
-    check_remote(server.repo)
+def test_loopback_s3_has_the_bucket_and_the_local_remote(server: Server) -> None:
+    assert server.endpoint.startswith("http://127.0.0.1:")
     assert s3_client(server.repo).list_buckets()["Buckets"][0]["Name"] == "cachelora"
     local = (server.repo / ".dvc" / "config.local").read_text()
-    assert f"endpointurl = {server.info.endpoint}" in local and "access_key_id" in local
+    assert f"endpointurl = {server.endpoint}" in local and "access_key_id" in local
     committed = (server.repo / ".dvc" / "config").read_text()
     assert "s3://cachelora/dvc" in committed
     assert "endpointurl" not in committed and "access_key" not in committed and "secret" not in committed
-    state = json.loads((server.repo / ".dvc" / "tmp" / STATE_FILE).read_text())
-    assert state["pid"] == server.info.pid and state["port"] == server.info.port
-
-
-def test_start_twice_reports_the_running_server(server: Server) -> None:
-    again = start_local_s3(server.repo)
-    assert again.already_running and (again.pid, again.port) == (server.info.pid, server.info.port)
 
 
 def test_dvc_push_pull_through_the_local_remote(server: Server) -> None:
@@ -151,20 +123,19 @@ def test_dvc_push_pull_through_the_local_remote(server: Server) -> None:
     assert "in sync" in dvc(repo, "status", "-c")
 
 
+# --- one-line S3 errors ------------------------------------------------------------------------
+
+ANY = "0" * 64  # a digest: these fail before any manifest is read
+
+
 def test_missing_bucket(server: Server, tmp_path: Path) -> None:
-    repo = make_repo(
-        tmp_path,
-        "s3://no-such-bucket/dvc",
-        endpointurl=server.info.endpoint,
-        access_key_id=DUMMY_KEY,
-        secret_access_key=DUMMY_SECRET,
-    )
+    repo = make_repo(tmp_path / "repo", "s3://no-such-bucket/dvc", endpointurl=server.endpoint, **S3_DUMMY_CREDENTIALS)
     with pytest.raises(CacheloraError, match=r"^bucket no-such-bucket does not exist at http://127\.0\.0\.1:\d+$"):
-        check_remote(repo)
+        fetch_release("s3://no-such-bucket/releases/v1", tmp_path / "dest", ANY, repo=repo)
 
 
 def _moto_auth(endpoint: str, count: str) -> None:
-    """Switch the running moto server's IAM authentication (count 0: enforce; inf: off)."""
+    """Switch the moto server's IAM authentication (count 0: enforce; inf: off)."""
     conn = http.client.HTTPConnection(endpoint.removeprefix("http://"), timeout=5)
     try:
         conn.request("POST", "/moto-api/reset-auth", body=count.encode())
@@ -174,53 +145,35 @@ def _moto_auth(endpoint: str, count: str) -> None:
 
 
 def test_rejected_credentials(server: Server, tmp_path: Path) -> None:
-    repo = make_repo(tmp_path, endpointurl=server.info.endpoint, access_key_id="AKIAWRONG", secret_access_key="nope")
-    _moto_auth(server.info.endpoint, "0")
+    repo = make_repo(
+        tmp_path / "repo", endpointurl=server.endpoint, access_key_id="AKIAWRONG", secret_access_key="nope"
+    )
+    _moto_auth(server.endpoint, "0")
     try:
         with pytest.raises(CacheloraError, match=r"^S3 rejected the credentials for bucket cachelora \(") as err:
-            check_remote(repo)
+            fetch_release("s3://cachelora/releases/v1", tmp_path / "dest", ANY, repo=repo)
     finally:
-        _moto_auth(server.info.endpoint, "inf")
-    assert "check .dvc/config.local or AWS_* env" in str(err.value)
-    check_remote(server.repo)  # authentication is off again
+        _moto_auth(server.endpoint, "inf")
+    assert "check .dvc/config.local or AWS_* env" in str(err.value) and "\n" not in str(err.value)
+    s3_client(server.repo).head_bucket(Bucket="cachelora")  # authentication is off again
 
 
 def test_no_credentials(server: Server, tmp_path: Path) -> None:
-    repo = make_repo(tmp_path, endpointurl=server.info.endpoint)
+    repo = make_repo(tmp_path / "repo", endpointurl=server.endpoint)
     with pytest.raises(CacheloraError, match=r"^no AWS credentials: set them in \.dvc/config\.local or AWS_\* env$"):
-        check_remote(repo)
+        fetch_release("s3://cachelora/releases/v1", tmp_path / "dest", ANY, repo=repo)
 
 
-def test_cli_start_stop_then_endpoint_down(clean_env: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    repo = make_repo(tmp_path / "repo")
-    monkeypatch.chdir(repo)
-    port = _free_port()
-    runner = CliRunner()
-    state = repo / ".dvc" / "tmp" / STATE_FILE
-    result = runner.invoke(s3, ["local", "--port", str(port)])
-    pid = json.loads(state.read_text())["pid"] if state.is_file() else None
-    try:
-        assert result.exit_code == 0, result.output
-        assert f"local S3 at http://127.0.0.1:{port}" in result.output and "endpointurl" in result.output
-        assert pid is not None and _is_moto(pid)
-        again = runner.invoke(s3, ["local"])
-        assert again.exit_code == 0 and "already running" in again.output
-        stopped = runner.invoke(s3, ["local", "--stop"])
-        assert stopped.exit_code == 0 and f"pid {pid}" in stopped.output, stopped.output
-    finally:
-        if pid is not None:
-            kill_if_alive(pid)
-    assert not _is_moto(pid) and not state.exists()
-    local = repo / ".dvc" / "config.local"
-    assert not local.exists() or "endpointurl" not in local.read_text()
-    assert "no local S3" in runner.invoke(s3, ["local", "--stop"]).output
-
+def test_endpoint_down(clean_env: None, tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens once the socket is closed
     endpoint = f"http://127.0.0.1:{port}"
-    _edit_local_remote(repo, "storage", {"endpointurl": endpoint, "access_key_id": "k", "secret_access_key": "s"}, {})
-    expected = f"cannot reach S3 endpoint {endpoint}: connection refused — is `cachelora s3 local` running?"
+    repo = make_repo(tmp_path / "repo", endpointurl=endpoint, **S3_DUMMY_CREDENTIALS)
     with pytest.raises(CacheloraError) as err:
-        check_remote(repo)
-    assert str(err.value) == expected
+        fetch_release("s3://cachelora/releases/v1", tmp_path / "dest", ANY, repo=repo)
+    assert str(err.value) == f"cannot reach S3 endpoint {endpoint}: connection refused — is `make s3-local` running?"
+    assert not (tmp_path / "dest").exists()
 
 
 # --- releases ----------------------------------------------------------------------------------
@@ -241,6 +194,16 @@ def _bucket_keys(server: Server, prefix: str) -> list[str]:
     return sorted(o["Key"] for o in response.get("Contents", []))
 
 
+def _digest(folder: Path) -> str:
+    return hashlib.sha256((folder / "manifest.json").read_bytes()).hexdigest()
+
+
+def _cli(*args: str) -> Any:
+    from cachelora.cli import main
+
+    return CliRunner().invoke(main, [*args])
+
+
 def test_write_manifest(release: Path) -> None:
     manifest = write_manifest(release)
     paths = [e["path"] for e in manifest["files"]]
@@ -256,39 +219,111 @@ def test_publish_fetch_round_trip(
 ) -> None:
     manifest = write_manifest(release)
     url = "s3://cachelora/releases/v1"
-    uploaded = publish_release(release, url, repo=server.repo)
-    assert uploaded[-1] == "manifest.json" and len(uploaded) == 4
+    published = publish_release(release, url + "/", repo=server.repo)
+    assert published.url == url and published.manifest_sha256 == _digest(release)
+    assert (published.files, published.bytes) == (3, sum(e["size"] for e in manifest["files"]))
+    uploaded = ["manifest.json", *(e["path"] for e in manifest["files"])]
     assert _bucket_keys(server, "releases/v1/") == sorted(f"releases/v1/{p}" for p in uploaded)
 
     dest = tmp_path / "fetched" / "v1"
-    assert fetch_release(url, dest, repo=server.repo) == [e["path"] for e in manifest["files"]]
+    fetched = fetch_release(url, dest, published.manifest_sha256.upper(), repo=server.repo)
+    assert fetched == [e["path"] for e in manifest["files"]]
     for entry in manifest["files"]:
         assert (dest / entry["path"]).read_bytes() == (release / entry["path"]).read_bytes()
     assert json.loads((dest / "manifest.json").read_text()) == manifest
+    assert sorted(p.name for p in (tmp_path / "fetched").iterdir()) == ["v1"]  # no temp dir left
 
     # A consumer without DVC: endpoint and credentials from AWS_* env, outside any DVC repo.
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", server.info.endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", DUMMY_KEY)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", DUMMY_SECRET)
-    result = CliRunner().invoke(fetch_cmd, ["--from", url, "--to", "consumer"])
+    monkeypatch.setenv("AWS_ENDPOINT_URL", server.endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", S3_DUMMY_CREDENTIALS["access_key_id"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", S3_DUMMY_CREDENTIALS["secret_access_key"])
+    result = _cli("fetch", "--from", url, "--to", "consumer", "--sha256", published.manifest_sha256)
     assert result.exit_code == 0, result.output
+    assert published.manifest_sha256 in result.output
     assert (tmp_path / "consumer" / "models" / "merged" / "adapter_model.safetensors").read_bytes() == (
         release / "models" / "merged" / "adapter_model.safetensors"
     ).read_bytes()
 
 
-def test_publish_refuses_an_existing_release(server: Server, release: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fetch_takes_the_digest_from_releases_json(
+    server: Server, release: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_manifest(release)
+    url = "s3://cachelora/releases/recorded"
+    published = publish_release(release, url, repo=server.repo)
+    assert record_release(server.repo, published) == server.repo / RELEASES_FILE
+    records = json.loads((server.repo / RELEASES_FILE).read_text())
+    assert records[url] == {
+        "manifest_sha256": published.manifest_sha256,
+        "files": 3,
+        "bytes": published.bytes,
+        "published_at": published.published_at,
+    }
+    assert required_digest(url + "/", None, server.repo) == published.manifest_sha256
+    assert required_digest(url, "ab" * 32, server.repo) == "ab" * 32  # --sha256 wins
+
+    # Inside the repo (here: a subdirectory), fetch needs no --sha256.
+    (server.repo / "sub").mkdir(exist_ok=True)
+    monkeypatch.chdir(server.repo / "sub")
+    result = _cli("fetch", "--from", url, "--to", str(tmp_path / "in-repo"))
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "in-repo" / "README.md").read_text() == "cachelora release\n"
+
+    # Outside it, and with no --sha256, a one-line error; a malformed --sha256 is one too.
+    monkeypatch.chdir(tmp_path)
+    result = _cli("fetch", "--from", url, "--to", "outside", "--repo", str(server.repo.parent))
+    assert result.exit_code == 1 and not (tmp_path / "outside").exists()
+    assert result.output.startswith(f"error: no sha256 for {url} (") and result.output.count("\n") == 1
+    result = _cli("fetch", "--from", url, "--to", "outside", "--sha256", "abc")
+    assert result.exit_code == 1 and result.output == "error: --sha256: expected a sha256 (64 hex digits), got 'abc'\n"
+    with pytest.raises(CacheloraError, match=r"not inside the repo\): pass --sha256"):
+        required_digest(url, None, None)
+
+
+def test_publish_makes_only_conditional_puts_manifest_last(
+    server: Server, release: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[str, dict[str, Any]]] = []
+
+    def recording_client(repo: Path | None = None) -> Any:
+        client = s3_client(repo)
+        client.meta.events.register(
+            "provide-client-params.s3.*", lambda params, model, **_: calls.append((model.name, dict(params)))
+        )
+        return client
+
+    monkeypatch.setattr(releases, "s3_client", recording_client)
+    write_manifest(release)
+    publish_release(release, "s3://cachelora/releases/cond", repo=server.repo)
+    assert [name for name, _ in calls] == ["PutObject"] * 4  # no list, no head: nothing checked, then written
+    assert all(params["IfNoneMatch"] == "*" for _, params in calls)
+    assert calls[-1][1]["Key"] == "releases/cond/manifest.json"
+
+
+def test_publish_refuses_an_existing_release(server: Server, release: Path) -> None:
     write_manifest(release)
     url = "s3://cachelora/releases/v2"
-    assert len(publish_release(release, url, repo=server.repo)) == 4
-    before = s3_client(server.repo).head_object(Bucket="cachelora", Key="releases/v2/README.md")["ETag"]
+    publish_release(release, url, repo=server.repo)
+    client = s3_client(server.repo)
+    before = {k: client.head_object(Bucket="cachelora", Key=k)["ETag"] for k in _bucket_keys(server, "releases/v2/")}
     (release / "README.md").write_text("changed\n")
     write_manifest(release)
-    with pytest.raises(CacheloraError, match=r"^s3://cachelora/releases/v2/?: a release already exists there"):
+    with pytest.raises(CacheloraError, match=r"^s3://cachelora/releases/v2: a release already exists there") as err:
         publish_release(release, url + "/", repo=server.repo)
-    after = s3_client(server.repo).head_object(Bucket="cachelora", Key="releases/v2/README.md")["ETag"]
+    assert "releases are never overwritten" in str(err.value) and "\n" not in str(err.value)
+    after = {k: client.head_object(Bucket="cachelora", Key=k)["ETag"] for k in _bucket_keys(server, "releases/v2/")}
     assert before == after
+
+
+def test_publish_refuses_when_the_manifest_key_is_taken(server: Server, release: Path) -> None:
+    """Data objects all new, manifest.json not: the conditional put of the manifest refuses (412)."""
+    write_manifest(release)
+    client = s3_client(server.repo)
+    client.put_object(Bucket="cachelora", Key="releases/race/manifest.json", Body=b"theirs")
+    with pytest.raises(CacheloraError, match=r"\(releases/race/manifest\.json is taken\); releases are never overw"):
+        publish_release(release, "s3://cachelora/releases/race", repo=server.repo)
+    assert client.get_object(Bucket="cachelora", Key="releases/race/manifest.json")["Body"].read() == b"theirs"
 
 
 def test_publish_verifies_files_against_the_manifest(server: Server, release: Path) -> None:
@@ -304,35 +339,64 @@ def test_publish_verifies_files_against_the_manifest(server: Server, release: Pa
     assert _bucket_keys(server, "releases/bad/") == []
 
 
-def test_fetch_refuses_a_tampered_object(server: Server, release: Path, tmp_path: Path) -> None:
+CONFIG = "models/merged/adapter_config.json"
+
+
+@pytest.mark.parametrize(
+    ("body", "rewrite_manifest", "problem"),
+    [
+        (b'{"r": 9}\n', False, f"{CONFIG}: sha256 mismatch: expected {{sha}}, got "),  # same size
+        (b'{"r": 8, "alpha": 1024}\n', False, f"{CONFIG}: size mismatch: expected 9 bytes, got 24"),
+        (None, False, f"{CONFIG}: listed in manifest.json but missing"),
+        (b'{"r": 9}\n', True, "manifest.json: sha256 mismatch: expected {digest}, got "),  # entry rewritten too
+    ],
+    ids=["same-size", "bigger", "deleted", "manifest-rewritten"],
+)
+def test_fetch_refuses_a_tampered_release(
+    server: Server, release: Path, tmp_path: Path, body: bytes | None, rewrite_manifest: bool, problem: str
+) -> None:
     manifest = write_manifest(release)
-    url = "s3://cachelora/releases/v3"
+    digest = _digest(release)
+    name = f"tamper-{len(body or b'')}-{rewrite_manifest}"
+    url = f"s3://cachelora/releases/{name}"
     publish_release(release, url, repo=server.repo)
-    key = "releases/v3/models/merged/adapter_config.json"
-    s3_client(server.repo).put_object(Bucket="cachelora", Key=key, Body=b'{"r": 9}\n')  # same size
-    expected = next(e["sha256"] for e in manifest["files"] if e["path"].endswith("adapter_config.json"))
-    dest = tmp_path / "out" / "v3"
+    client = s3_client(server.repo)
+    key = f"releases/{name}/{CONFIG}"
+    if body is None:
+        client.delete_object(Bucket="cachelora", Key=key)
+    else:
+        client.put_object(Bucket="cachelora", Key=key, Body=body)
+    if rewrite_manifest:  # a consistent forgery: the entry matches the new object
+        (release / CONFIG).write_bytes(body)
+        client.put_object(
+            Bucket="cachelora", Key=f"releases/{name}/manifest.json", Body=json.dumps(write_manifest(release))
+        )
+    sha = next(e["sha256"] for e in manifest["files"] if e["path"] == CONFIG)
+    out = tmp_path / "out"
+    out.mkdir()
     with pytest.raises(CacheloraError) as err:
-        fetch_release(url, dest, repo=server.repo)
-    message = str(err.value)
-    assert message.startswith(f"{url}/models/merged/adapter_config.json: sha256 mismatch: expected {expected}, got ")
-    assert not dest.exists() and list((tmp_path / "out").iterdir()) == []
+        fetch_release(url, out / "v", digest, repo=server.repo)
+    assert str(err.value).startswith(f"{url}/{problem.format(sha=sha, digest=digest)}")
+    assert "\n" not in str(err.value)
+    assert list(out.iterdir()) == []  # neither the target nor a temp dir
 
 
 def test_fetch_without_manifest(server: Server, tmp_path: Path) -> None:
     s3_client(server.repo).put_object(Bucket="cachelora", Key="releases/half/README.md", Body=b"partial")
     dest = tmp_path / "dest"
     with pytest.raises(CacheloraError, match=r"^no release at s3://cachelora/releases/half: manifest\.json missing$"):
-        fetch_release("s3://cachelora/releases/half", dest, repo=server.repo)
+        fetch_release("s3://cachelora/releases/half", dest, ANY, repo=server.repo)
     assert not dest.exists()
 
 
 def test_fetch_rejects_unsafe_manifest_paths(server: Server, tmp_path: Path) -> None:
-    bad = {"files": [{"path": "../escape.txt", "sha256": "0" * 64, "size": 1}]}
+    """Even a manifest that matches its digest is checked before any path in it is used."""
+    bad = json.dumps({"files": [{"path": "../escape.txt", "sha256": "0" * 64, "size": 1}]}).encode()
     client = s3_client(server.repo)
-    client.put_object(Bucket="cachelora", Key="releases/evil/manifest.json", Body=json.dumps(bad).encode())
+    client.put_object(Bucket="cachelora", Key="releases/evil/manifest.json", Body=bad)
+    digest = hashlib.sha256(bad).hexdigest()
     with pytest.raises(CacheloraError, match=r"files\[0\]: bad path '\.\./escape\.txt'"):
-        fetch_release("s3://cachelora/releases/evil", tmp_path / "dest", repo=server.repo)
+        fetch_release("s3://cachelora/releases/evil", tmp_path / "dest", digest, repo=server.repo)
     assert not (tmp_path / "escape.txt").exists() and not (tmp_path / "dest").exists()
 
 
@@ -346,9 +410,11 @@ def test_fetch_rejects_unsafe_manifest_paths(server: Server, tmp_path: Path) -> 
 )
 def test_release_urls_are_checked(url: str, message: str, tmp_path: Path) -> None:
     with pytest.raises(CacheloraError, match=message):
-        fetch_release(url, tmp_path / "dest")
+        fetch_release(url, tmp_path / "dest", ANY)
 
 
-def test_fetch_refuses_existing_dest(tmp_path: Path) -> None:
+def test_fetch_refuses_existing_dest_and_bad_digests(tmp_path: Path) -> None:
     with pytest.raises(CacheloraError, match="already exists"):
-        fetch_release("s3://cachelora/releases/v1", tmp_path)
+        fetch_release("s3://cachelora/releases/v1", tmp_path, ANY)
+    with pytest.raises(CacheloraError, match=r"^sha256: expected a sha256 \(64 hex digits\), got 'xyz'$"):
+        fetch_release("s3://cachelora/releases/v1", tmp_path / "dest", "xyz")

@@ -20,7 +20,6 @@ from cachelora.evaluation import (
     triplet_metrics,
 )
 from cachelora.records import read_json, read_triplets, write_json
-from cachelora.storage import fetch_cmd, s3
 
 ALL = "all"
 
@@ -201,25 +200,54 @@ def export(model_name: str, out: Path) -> None:
 @click.option("--model", "model_name", default="merged", show_default=True, help="Model to export into the release.")
 @user_errors
 def publish(url: str, model_name: str) -> None:
-    """Verify, then upload a release: exported model, adapters, RESULTS.md, metrics, dvc.lock, manifest.json."""
+    """Verify, then upload a release: exported model, adapters, RESULTS.md, metrics, dvc.lock, manifest.json.
+
+    Prints the release's digest (sha256 of its manifest.json) and records it in releases.json.
+    """
     import tempfile
 
-    from cachelora.export import build_release
     from cachelora.merging import MERGED
     from cachelora.params import load_params
     from cachelora.provenance import verify
-    from cachelora.storage import publish_release
+    from cachelora.releases import build_release, publish_release, record_release, release_url
 
+    release_url(url)  # a bad URL fails before the export
     params = load_params()
     failures, _ = verify(params)
     if failures:
         raise CacheloraError(f"publish refused: verify found {len(failures)} problem(s), first: {failures[0]}")
     with tempfile.TemporaryDirectory(prefix="cachelora-release-") as tmp:
-        manifest = build_release(Path(tmp) / "release", model_name, [*params.train_models, MERGED])
-        uploaded = publish_release(Path(tmp) / "release", url, repo=Path.cwd())
-    size = sum(entry["size"] for entry in manifest["files"])
-    click.echo(f"published {len(uploaded)} files ({size / 1e6:.1f} MB) to {url}")
+        build_release(Path(tmp) / "release", model_name, [*params.train_models, MERGED])
+        release = publish_release(Path(tmp) / "release", url, repo=Path.cwd())
+    click.echo(f"published {release.files} files ({release.bytes / 1e6:.1f} MB) to {release.url}")
+    click.echo(f"manifest sha256: {release.manifest_sha256}")
+    recorded = record_release(Path.cwd(), release)
+    click.echo(
+        f"recorded in {recorded.name} (commit it); consumers without the repo run: cachelora fetch"
+        f" --from {release.url} --to DIR --sha256 {release.manifest_sha256}"
+    )
 
 
-main.add_command(s3)
-main.add_command(fetch_cmd)
+@main.command("fetch")
+@click.option("--from", "url", required=True, help="Release prefix, s3://BUCKET/PREFIX.")
+@click.option("--to", "dest", required=True, type=click.Path(path_type=Path), help="New directory to create.")
+@click.option(
+    "--sha256",
+    default=None,
+    help="The release's manifest sha256, as publish printed it (default: the entry in the repo's releases.json).",
+)
+@click.option(
+    "--repo",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Use this DVC repo's releases.json and default-remote endpoint/credentials (default: the enclosing"
+    " repo, if any; else AWS_* env).",
+)
+@user_errors
+def fetch(url: str, dest: Path, sha256: str | None, repo: Path | None) -> None:
+    """Download a release: manifest.json must match the digest, every file its manifest entry, before --to appears."""
+    from cachelora.releases import client_repo, enclosing_repo, fetch_release, required_digest
+
+    digest = required_digest(url, sha256, repo if repo is not None else enclosing_repo())
+    files = fetch_release(url, dest, digest, repo=client_repo(repo))
+    click.echo(f"fetched {len(files)} files from {url} into {dest} (manifest sha256 {digest}; every file verified)")

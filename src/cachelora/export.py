@@ -72,19 +72,3 @@ def export_model(model_name: str, out: Path, eval_path: Path = paths.METRICS_DIR
         write_json(tmp / CACHE_CONFIG, config)
     log.info("exported %s to %s (threshold %.3f)", model_name, out, threshold["threshold"])
     return config
-
-
-def build_release(folder: Path, model_name: str, adapters: list[str]) -> dict[str, Any]:
-    """A release for consumers without DVC: exported model, adapters, results, metrics, lock, manifest."""
-    import shutil
-
-    from cachelora.provenance import LOCK, RESULTS
-    from cachelora.storage import write_manifest
-
-    export_model(model_name, folder / "model")
-    for name in adapters:
-        shutil.copytree(paths.model_dir(name), folder / "adapters" / name)
-    shutil.copytree(paths.METRICS_DIR, folder / "metrics")
-    for file in (RESULTS, LOCK):
-        shutil.copy2(file, folder / file.name)
-    return write_manifest(folder)
