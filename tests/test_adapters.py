@@ -3,7 +3,15 @@ import shutil
 
 import pytest
 
-from cachelora.adapters import CONFIG, INFO, WEIGHTS, load_adapter_model, read_info, save_adapter
+from cachelora.adapters import (
+    CONFIG,
+    INFO,
+    WEIGHTS,
+    canonical_config,
+    load_adapter_model,
+    read_info,
+    save_adapter,
+)
 from cachelora.errors import CacheloraError
 
 
@@ -17,6 +25,19 @@ def test_saved_adapter_has_its_files_and_a_portable_config(tiny_adapter):
     assert config["base_model_name_or_path"] == "all-MiniLM-L6-v2"
     assert config["r"] == 4
     assert read_info(tiny_adapter)["base_model"]["name"] == "all-MiniLM-L6-v2"
+
+
+def test_config_lists_that_peft_keeps_as_sets_are_saved_sorted(tiny_adapter):
+    """peft saves target_modules in set order, which follows the hash seed; the saved file does not."""
+    config = json.loads((tiny_adapter / CONFIG).read_text())
+    assert config["target_modules"] == ["query", "value"]
+    assert list(config) == sorted(config)
+    shuffled = {"target_modules": ["value", "query"], "exclude_modules": ["b", "a"], "layer_replication": [[4, 2]]}
+    assert canonical_config(shuffled) == {
+        "target_modules": ["query", "value"],
+        "exclude_modules": ["a", "b"],
+        "layer_replication": [[4, 2]],  # an ordered list stays as it is
+    }
 
 
 def test_reloaded_adapter_changes_embeddings(tiny_adapter):

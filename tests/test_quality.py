@@ -27,7 +27,7 @@ def test_clean_rows_all_pass(rows):
 def test_bad_rows_are_quarantined_with_reasons_and_nothing_is_lost(rows):
     bad = [dict(r) for r in rows[:6]]
     bad[0]["negative"] = bad[0]["anchor"].upper()  # anchor == negative (after normalising)
-    bad[1]["anchor"] = "What is {topic}?"  # placeholder
+    bad[1]["anchor"] = "What is <topic name>?"  # placeholder
     bad[2]["positive"] = "ok?"  # too short
     del bad[3]["negative"]  # missing field
     bad[4]["domain"] = "law"  # wrong domain
@@ -39,7 +39,7 @@ def test_bad_rows_are_quarantined_with_reasons_and_nothing_is_lost(rows):
     assert len(report.passed) + len(report.quarantined) == len(data)
     reasons = {q["anchor"]: q["reasons"] for q in report.quarantined}
     assert reasons[bad[0]["anchor"]] == ["texts_not_distinct"]
-    assert reasons["What is {topic}?"] == ["placeholder:anchor"]
+    assert reasons["What is <topic name>?"] == ["placeholder:anchor"]
     assert reasons[bad[2]["anchor"]] == ["length:positive"]
     assert "missing:negative" in reasons[bad[3]["anchor"]]
     assert "wrong_domain" in reasons[bad[4]["anchor"]]
@@ -47,6 +47,26 @@ def test_bad_rows_are_quarantined_with_reasons_and_nothing_is_lost(rows):
     assert reasons[data[7]["anchor"]] == ["negative_near_paraphrase"]
     assert report.metrics["quarantined"] == 7
     assert report.metrics["failed_expectations"]["duplicate_triplet"] == 2  # bad[4] repeats rows[4] too
+
+
+@pytest.mark.parametrize(
+    ("field", "text"),
+    [
+        ("anchor", "What is {topic}?"),  # a template slot left unfilled
+        ("positive", "what causes { } in adults"),
+        ("negative", "how is asthma treated }"),  # a stray brace
+        ("anchor", "what are the symptoms of  asthma"),  # an empty name between two spaces
+        ("positive", " how is asthma treated"),
+        ("negative", "how is asthma treated "),
+        ("anchor", "what causes asthma ?"),
+    ],
+)
+def test_failed_renders_are_quarantined_as_bad_render(rows, field, text):
+    bad = dict(rows[0], **{field: text})
+    data = [*rows[1:], bad]
+    report = check_triplets(data, PARAMS, "medical", sims(data), "x.jsonl")
+    assert [q["reasons"] for q in report.quarantined] == [[f"bad_render:{field}"]]
+    assert report.metrics["failed_expectations"] == {f"bad_render:{field}": 1}
 
 
 def test_too_many_bad_rows_fail_the_dataset_listing_expectations(rows):

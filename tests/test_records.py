@@ -1,9 +1,27 @@
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from cachelora.errors import CacheloraError
-from cachelora.records import atomic_dir, normalise, read_jsonl, read_triplets, stable_id, write_jsonl
+from cachelora.records import (
+    atomic_dir,
+    atomic_path,
+    normalise,
+    read_jsonl,
+    read_triplets,
+    remove_stale_temps,
+    stable_id,
+    write_json,
+    write_jsonl,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_normalise_folds_case_punctuation_and_space():
@@ -58,3 +76,77 @@ def test_atomic_dir_replaces_only_on_success(tmp_path):
         raise RuntimeError("interrupted")
     assert (target / "train.jsonl").read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["splits"]
+
+
+KILLED_WRITER = """
+import sys, time
+from pathlib import Path
+from cachelora.records import atomic_dir, atomic_path
+target, kind = Path(sys.argv[1]), sys.argv[2]
+with (atomic_dir if kind == "dir" else atomic_path)(target) as tmp:
+    (tmp / "train.jsonl" if kind == "dir" else tmp).write_text("half of it")
+    print("writing", flush=True)
+    time.sleep(120)
+"""
+
+
+def kill_mid_write(target: Path, kind: str) -> int:
+    """Start a writer of ``target``, SIGKILL it mid-write (no cleanup runs), and return its pid."""
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(target), kind], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    return proc.pid
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.mark.parametrize("kind", ["dir", "file"])
+def test_a_killed_writers_temp_is_removed_when_the_target_is_written_again(tmp_path, kind):
+    target = tmp_path / ("splits" if kind == "dir" else "eval.json")
+    pid = kill_mid_write(target, kind)
+    leftovers = list(tmp_path.glob(f".{target.name}.{pid}.*.tmp"))
+    assert len(leftovers) == 1 and not target.exists()
+    other_target = tmp_path / f".{target.name}.json.{pid}.abcd1234.tmp"  # a temp of "<name>.json", not ours
+    other_target.write_text("not ours")
+    if kind == "dir":
+        with atomic_dir(target) as tmp:
+            (tmp / "train.jsonl").write_text("complete")
+        assert (target / "train.jsonl").read_text() == "complete"
+    else:
+        write_json(target, {"complete": True})
+        assert json.loads(target.read_text()) == {"complete": True}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, other_target.name])
+
+
+def test_only_temps_of_gone_processes_are_stale(tmp_path):
+    target = tmp_path / "eval.json"
+    live = [f".eval.json.{os.getppid()}.live0001.tmp", f".eval.json.{os.getpid()}.thread01.tmp"]
+    stale = [f".eval.json.{dead_pid()}.dead0001.tmp", ".eval.json.nopid001.tmp"]  # the second: an older name
+    others = ["eval.json.tmp", ".eval.jsonl.123.abcd1234.tmp", ".eval.json.123.x.y.tmp"]
+    for name in live + stale + others:
+        (tmp_path / name).write_text("")
+    (tmp_path / stale[0]).unlink()
+    (tmp_path / stale[0]).mkdir()  # a directory temp (atomic_dir) with content
+    (tmp_path / stale[0] / "part").write_text("")
+    assert sorted(p.name for p in remove_stale_temps(target)) == sorted(stale)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(live + others)
+
+
+def test_temp_names_are_ignored_by_git_and_dvc(tmp_path):
+    if not (ROOT / ".git").exists() or shutil.which("git") is None:
+        pytest.skip("not a git checkout")
+    with atomic_path(tmp_path / "eval.json") as tmp_file, atomic_dir(tmp_path / "medical") as tmp_dir:
+        names = [f"metrics/{tmp_file.name}", f"data/splits/{tmp_dir.name}/train.jsonl", f"models/{tmp_dir.name}"]
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    for command in (["git", "check-ignore"], [sys.executable, "-m", "dvc", "check-ignore"]):
+        result = subprocess.run([*command, *names], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert result.stdout.split() == names, f"{command[-2]} does not ignore {names}: {result.stderr}"
+        kept = subprocess.run([*command, "data/seed/medical.yaml"], cwd=ROOT, env=env, capture_output=True)
+        assert kept.returncode == 1  # and a real file is not ignored

@@ -1,13 +1,35 @@
+import importlib.util
+import json
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+from cachelora.adapters import INFO, save_adapter
 from cachelora.base_model import load_base
 from cachelora.errors import CacheloraError
-from cachelora.records import TEXT_FIELDS, write_jsonl
-from cachelora.training import Tokenised, conflict_keys, embed_columns, load_training_rows, make_batches, train_model
+from cachelora.provenance import dir_md5
+from cachelora.records import TEXT_FIELDS, file_md5, write_jsonl
+from cachelora.training import (
+    FINAL_LOSS,
+    Tokenised,
+    conflict_keys,
+    embed_columns,
+    load_training_rows,
+    make_batches,
+    train_model,
+)
 from tests.conftest import tiny_model_params, tiny_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = "all-MiniLM-L6-v2"
+# What training_info.json may hold: facts the inputs determine. Run facts go to metrics/train/<name>.json.
+INPUT_FACTS = {"name", "base_model", "params", "data", "triplets", "steps", FINAL_LOSS, "max_seq_length"}
+RUN_FACTS = {"device", "threads", "wall_time_s", "triplets_per_s", "versions"}
 
 
 def test_batches_have_no_false_negatives_and_cover_every_row():
@@ -50,7 +72,8 @@ def test_training_is_seeded_and_deterministic(train_file):
     a, b = lora_weights(first.model), lora_weights(second.model)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert first.history == second.history
-    assert first.info["steps"] == 3 and first.info["triplets"] == 24
+    per_epoch = len(make_batches(tiny_rows(24), 8, random.Random(3)))  # epochs 1, batch_size 8, seed 3
+    assert first.info["steps"] == per_epoch and first.info["triplets"] == 24
     assert first.info["base_model"]["sha256"] and first.info["data"][str(train_file)]
 
 
@@ -104,3 +127,71 @@ def test_unknown_target_module_is_named(train_file):
 def test_fp16_on_cpu_is_refused(train_file):
     with pytest.raises(CacheloraError, match=r"train.precision: fp16 needs CUDA"):
         train_model("medical", tiny_model_params(precision="fp16"), [train_file])
+
+
+@pytest.fixture(scope="module")
+def trained(train_file):
+    return train_model("medical", tiny_model_params(), [train_file])
+
+
+def _hash_seed_with_another_set_order() -> str:
+    """A PYTHONHASHSEED under which peft's set of target modules iterates in another order than here."""
+    probe = "print(list(set(['query', 'value'])))"
+    ours = str(list({"query", "value"}))
+    for seed in range(200):
+        env = {**os.environ, "PYTHONHASHSEED": str(seed)}
+        out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+        if out.stdout.strip() != ours:
+            return str(seed)
+    raise AssertionError("no hash seed changes the set order")
+
+
+TRAIN_AND_SAVE = """
+import sys
+import torch
+from cachelora.adapters import save_adapter
+from cachelora.training import train_model
+from tests.conftest import tiny_model_params
+torch.set_num_threads(int(sys.argv[3]))
+trained = train_model("medical", tiny_model_params(), [sys.argv[1]])
+save_adapter(trained.model, sys.argv[2], "all-MiniLM-L6-v2", trained.info, trained.probe)
+"""
+
+
+def test_same_inputs_give_the_same_adapter_directory_hash(trained, train_file, tmp_path):
+    """Two runs on the same inputs (here and in a process with another hash seed) save the same bytes."""
+    here, there = tmp_path / "here" / "medical", tmp_path / "there" / "medical"
+    save_adapter(trained.model, here, BASE, trained.info, trained.probe)
+    env = {**os.environ, "PYTHONHASHSEED": _hash_seed_with_another_set_order(), "TOKENIZERS_PARALLELISM": "false"}
+    subprocess.run(
+        [sys.executable, "-c", TRAIN_AND_SAVE, str(train_file), str(there), str(torch.get_num_threads())],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    files = {p.name: file_md5(p) for p in here.iterdir()}
+    assert files == {p.name: file_md5(p) for p in there.iterdir()}, "files differ between two identical runs"
+    assert dir_md5(here) == dir_md5(there)
+    assert set(json.loads((here / INFO).read_text())) == INPUT_FACTS
+
+
+def test_train_stage_keeps_run_facts_out_of_the_adapter(trained, train_file, tmp_path, monkeypatch):
+    """training_info.json holds input facts; timings, device, threads and versions go to the stage metrics."""
+    spec = importlib.util.spec_from_file_location("train_stage", ROOT / "stages" / "train.py")
+    stage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage)
+    monkeypatch.setattr(stage, "load_params", tiny_model_params)
+    monkeypatch.setattr(stage, "training_files", lambda name, params: [train_file])
+    monkeypatch.setattr(stage, "train_model", lambda name, params, files: trained)
+    monkeypatch.chdir(tmp_path)
+    stage.main.main(["--name", "medical"], standalone_mode=False)
+    info = json.loads(Path("models/medical/training_info.json").read_text())
+    metrics = json.loads(Path("metrics/train/medical.json").read_text())
+    assert set(info) == INPUT_FACTS
+    assert set(metrics) == {"triplets", "steps", FINAL_LOSS} | RUN_FACTS
+    assert [metrics[k] for k in ("triplets", "steps", FINAL_LOSS)] == [
+        info[k] for k in ("triplets", "steps", FINAL_LOSS)
+    ]
+    assert info["triplets"] == 24 and info == trained.info
+    assert metrics["triplets_per_s"] > 0 and metrics["device"] == "cpu" and metrics["versions"]["peft"]

@@ -20,6 +20,8 @@ WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
 INFO = "training_info.json"
 RELOAD_TOLERANCE = 1e-5
+# adapter_config.json lists that peft holds as sets (their saved order follows the hash seed): saved sorted.
+SET_VALUED = ("target_modules", "exclude_modules", "modules_to_save", "target_parameters")
 
 
 def add_lora(model: SentenceTransformer, lora: LoraParams) -> None:
@@ -77,20 +79,28 @@ def load_adapter_model(
     return model
 
 
+def canonical_config(config: dict[str, Any]) -> dict[str, Any]:
+    """``adapter_config.json`` as a function of its content: set-valued lists sorted (keys are sorted on write)."""
+    return {
+        key: sorted(value) if key in SET_VALUED and isinstance(value, list) else value for key, value in config.items()
+    }
+
+
 def save_adapter(
     model: SentenceTransformer, out_dir: str | Path, base_name: str, info: dict[str, Any], probe: list[str]
 ) -> None:
     """Write adapter files to a temp dir, reload them onto a fresh base, compare, then rename into place.
 
-    An interrupted or mismatching save leaves no complete-looking adapter behind.
+    An interrupted or mismatching save leaves no complete-looking adapter behind. Every file is a
+    function of the weights, the config and ``info``, so the same inputs give the same DVC hash.
     """
     model.eval()
     with atomic_dir(out_dir) as tmp:
         model[0].model.save_pretrained(str(tmp), save_embedding_layers=False)
         (tmp / "README.md").unlink(missing_ok=True)
-        config = read_json(tmp / CONFIG)
+        config = canonical_config(read_json(tmp / CONFIG))
         config["base_model_name_or_path"] = base_name  # not this machine's path: resolved at load time
-        write_json(tmp / CONFIG, config)
+        write_json(tmp / CONFIG, config)  # key-sorted
         write_json(tmp / INFO, info)
         reloaded = load_adapter_model(tmp, device=str(model.device), max_seq_length=model.max_seq_length)
         with torch.no_grad():

@@ -2,22 +2,67 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Annotated
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cachelora.errors import CacheloraError, from_validation
 
 SEED_DIR = Path("data/seed")
 PLACEHOLDER = "{topic}"
+# The one placeholder pattern: a ``{name}`` slot (``{topic}``, ``{ }``) or a lone brace. A template holds
+# exactly one match, ``{topic}``; a rendered text holds none (the quality gate's ``bad_render`` check).
+PLACEHOLDER_RE = re.compile(r"\{[^{}]*\}|[{}]")
+# What a rendered question must not contain, each with the words an error uses for it.
+RENDER_FLAWS = {
+    "a placeholder or brace": PLACEHOLDER_RE.pattern,
+    "leading or trailing whitespace": r"^\s|\s$",
+    "doubled whitespace": r"\s\s",
+    "a space before '?'": r"\s\?",
+}
+BAD_RENDER_RE = re.compile("|".join(RENDER_FLAWS.values()))
+
+
+def render_flaw(text: str) -> str | None:
+    """What is wrong with ``text`` as a rendered question: "blank", a ``RENDER_FLAWS`` key, or None."""
+    if not text.strip():
+        return "blank"
+    return next((what for what, pattern in RENDER_FLAWS.items() if re.search(pattern, text)), None)
+
+
+def _check_surface(text: str) -> str:
+    """A topic name or alias: pasted into templates as is, so it must render cleanly itself."""
+    flaw = render_flaw(text)
+    if flaw == "blank":
+        raise ValueError("must not be empty or blank")
+    if flaw:
+        raise ValueError(f"must not contain {flaw}: {text!r}")
+    return text
+
+
+def _check_template(template: str) -> str:
+    """Exactly one ``{topic}`` and no other brace; filled with a clean name, it renders cleanly."""
+    if not template.strip():
+        raise ValueError("must not be empty or blank")
+    if PLACEHOLDER_RE.findall(template) != [PLACEHOLDER]:
+        raise ValueError(f"must contain {PLACEHOLDER} exactly once and no other braces: {template!r}")
+    if flaw := render_flaw(template.replace(PLACEHOLDER, "x")):
+        raise ValueError(f"must not contain {flaw}: {template!r}")
+    return template
+
+
+Surface = Annotated[str, AfterValidator(_check_surface)]
+Template = Annotated[str, AfterValidator(_check_template)]
 
 
 class Topic(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field(min_length=1)
-    aliases: tuple[str, ...] = ()
+    name: Surface
+    aliases: tuple[Surface, ...] = ()
     group: str | None = None
     aspects: tuple[str, ...] | None = None
 
@@ -30,14 +75,11 @@ class Topic(BaseModel):
 class Aspect(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    templates: tuple[str, ...] = Field(min_length=2)
+    templates: tuple[Template, ...] = Field(min_length=2)
 
     @field_validator("templates")
     @classmethod
-    def _one_placeholder(cls, templates: tuple[str, ...]) -> tuple[str, ...]:
-        for i, template in enumerate(templates):
-            if template.count(PLACEHOLDER) != 1:
-                raise ValueError(f"template {i} must contain {PLACEHOLDER} exactly once: {template!r}")
+    def _distinct(cls, templates: tuple[str, ...]) -> tuple[str, ...]:
         if len(set(templates)) != len(templates):
             raise ValueError("templates repeat")
         return templates

@@ -186,7 +186,7 @@ def training_table(params: Params) -> Table:
     for m in params.train_models:
         t = paths.stage_metrics("train", m)
         rows.append(
-            (m, Cell(t, "triplets", "d"), Cell(t, "steps", "d"), Cell(t, "final_loss", ".4f"),
+            (m, Cell(t, "triplets", "d"), Cell(t, "steps", "d"), Cell(t, "final_loss_mean_last_10pct", ".4f"),
              Cell(t, "triplets_per_s", ".1f"))
         )  # fmt: skip
     return Table("Training", ("model", "triplets", "steps", "final loss", "triplets/s"), tuple(rows))

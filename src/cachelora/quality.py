@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from cachelora.errors import CacheloraError
+from cachelora.lexicon import BAD_RENDER_RE
 from cachelora.params import ValidateParams
 from cachelora.records import TEXT_FIELDS, normalise
 
@@ -19,8 +20,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REQUIRED = ("id", "domain", *TEXT_FIELDS, "source_id")
-PLACEHOLDER_RE = (
-    r"(?i)\{[^}]*\}|<[a-z_ ]+>|\[(?:insert|placeholder|query|text)[^\]]*\]"
+# Filler a generator left in (reason ``placeholder:<field>``). Template slots and braces, stray or
+# doubled spaces and a space before "?" are a failed render instead (``bad_render:<field>``), matched
+# by the lexicon's BAD_RENDER_RE, built on the one placeholder pattern the lexicon checks templates with.
+FILLER_RE = (
+    r"(?i)<[a-z_ ]+>|\[(?:insert|placeholder|query|text)[^\]]*\]"
     r"|lorem ipsum|\bTODO\b|\bTBD\b|\bFIXME\b|^\s*n/?a\s*$|\.\.\.\s*$|^\s*(?:paraphrase|negative|query)\s*\d*\s*:"
 )
 
@@ -68,7 +72,13 @@ def _row_suite(params: ValidateParams, domain: str) -> Any:
             )
         )
         suite.add_expectation(
-            named(f"placeholder:{key}", gxe.ExpectColumnValuesToNotMatchRegex(column=key, regex=PLACEHOLDER_RE))
+            named(f"placeholder:{key}", gxe.ExpectColumnValuesToNotMatchRegex(column=key, regex=FILLER_RE))
+        )
+        suite.add_expectation(
+            named(
+                f"bad_render:{key}",
+                gxe.ExpectColumnValuesToNotMatchRegex(column=key, regex=BAD_RENDER_RE.pattern),
+            )
         )
     suite.add_expectation(
         named(

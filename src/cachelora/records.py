@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -14,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from cachelora.errors import CacheloraError
+
+log = logging.getLogger(__name__)
 
 TEXT_FIELDS = ("anchor", "positive", "negative")
 _UMASK = os.umask(0)
@@ -30,12 +34,57 @@ def stable_id(*parts: str, length: int = 16) -> str:
     return hashlib.sha256("\x1f".join(parts).encode("utf-8")).hexdigest()[:length]
 
 
+def _temp_prefix(path: Path) -> str:
+    """Temp names are ``.<name>.<pid>.<random>.tmp``: the pid tells a killed writer's leftovers from live ones."""
+    return f".{path.name}.{os.getpid()}."
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True  # this process: possibly another thread's write in progress
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temps(path: str | Path) -> list[Path]:
+    """Remove the temp siblings of ``path`` that an interrupted (killed) writer left; return them.
+
+    Only temps of this target are touched (not those of ``<name>.other``), and only when the
+    process that made them is gone (names without a pid predate the pid and are stale too).
+    """
+    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(?:(\d+)\.)?[a-z0-9_]+\.tmp")
+    removed = []
+    for sibling in sorted(path.parent.glob(f".{glob.escape(path.name)}.*.tmp")):
+        match = pattern.fullmatch(sibling.name)
+        if match is None or (match[1] is not None and _alive(int(match[1]))):
+            continue
+        if sibling.is_dir() and not sibling.is_symlink():
+            shutil.rmtree(sibling, ignore_errors=True)
+        else:
+            sibling.unlink(missing_ok=True)
+        log.info("removed %s, left by an interrupted write", sibling)
+        removed.append(sibling)
+    return removed
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temp path beside ``path``; rename it into place only if the block succeeds."""
+    """Yield a temp path beside ``path``; rename it into place only if the block succeeds.
+
+    Temps that a killed writer left for the same ``path`` are removed first.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     tmp_path.chmod(0o666 & ~_UMASK)
@@ -48,10 +97,14 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 @contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temp directory beside ``path``; it replaces ``path`` only if the block succeeds."""
+    """Yield a temp directory beside ``path``; it replaces ``path`` only if the block succeeds.
+
+    Temps that a killed writer left for the same ``path`` are removed first.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    remove_stale_temps(path)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
     tmp.chmod(0o777 & ~_UMASK)
     try:
         yield tmp

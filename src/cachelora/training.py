@@ -30,6 +30,8 @@ from cachelora.records import TEXT_FIELDS, file_md5, normalise, read_triplets
 
 log = logging.getLogger(__name__)
 
+FINAL_LOSS = "final_loss_mean_last_10pct"  # mean loss over the last tenth of the steps (at least one step)
+
 
 def training_files(name: str, params: Params) -> list[Path]:
     """The train splits a model learns from: its domain's, or every domain's for ``multi``."""
@@ -105,6 +107,13 @@ def embed_columns(model: SentenceTransformer, tokens: Tokenised, batch: list[dic
     return list(in_column_order.split(len(batch)))
 
 
+def batch_loss(
+    model: SentenceTransformer, loss_fn: Any, tokens: Tokenised, batch: list[dict[str, Any]]
+) -> torch.Tensor:
+    """MNRL over the batch: each anchor against its positive, its hard negative and every other row's texts."""
+    return loss_fn.compute_loss_from_embeddings(embed_columns(model, tokens, batch), labels=None)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -112,10 +121,16 @@ def seed_everything(seed: int) -> None:
 
 @dataclass
 class TrainedAdapter:
-    """A trained model with its training_info, loss per step, and texts to check a reload on."""
+    """A trained model, its training_info, facts about the run, loss per step, and texts to check a reload on.
+
+    ``info`` is saved in the adapter directory, so it holds only what the inputs determine (same
+    inputs, same bytes, same DVC hash); ``run`` holds what varies between runs (times, speed, device,
+    threads, library versions) and goes to the stage's metrics file.
+    """
 
     model: SentenceTransformer
     info: dict[str, Any]
+    run: dict[str, Any]
     history: list[dict[str, float]]
     probe: list[str]
 
@@ -162,7 +177,7 @@ def train_model(name: str, params: Params, files: list[Path]) -> TrainedAdapter:
                 batches = make_batches(rows, tp.batch_size, rng)
             batch = [rows[i] for i in batches.pop(0)]
             with autocast:
-                loss = loss_fn.compute_loss_from_embeddings(embed_columns(model, tokens, batch), labels=None)
+                loss = batch_loss(model, loss_fn, tokens, batch)
             loss.backward()
             optimizer.step()
             scheduler.step()
@@ -183,15 +198,17 @@ def train_model(name: str, params: Params, files: list[Path]) -> TrainedAdapter:
         "data": {str(path): file_md5(path) for path in files},
         "triplets": len(rows),
         "steps": total_steps,
-        "final_loss": round(sum(h["loss"] for h in tail) / len(tail), 6),
+        FINAL_LOSS: round(sum(h["loss"] for h in tail) / len(tail), 6),
+        "max_seq_length": tp.max_seq_length,
+    }
+    run = {
         "device": device,
         "threads": torch.get_num_threads(),
-        "max_seq_length": tp.max_seq_length,
         "wall_time_s": round(wall, 3),
         "triplets_per_s": round(seen / wall, 3),
         "versions": _versions(),
     }
-    return TrainedAdapter(model, info, history, probe=[row["anchor"] for row in rows[:16]])
+    return TrainedAdapter(model, info, run, history, probe=[row["anchor"] for row in rows[:16]])
 
 
 def _versions() -> dict[str, str]:
