@@ -45,13 +45,14 @@ def main() -> None:
     if opts.threads:
         torch.set_num_threads(opts.threads)
     device = pick_device(opts.device or params.train.device)
-    sets: dict[str, list[dict[str, Any]]] = {}
+    sets: dict[str, dict[str, list[dict[str, Any]]]] = {"val": {}, "test": {}}
     sources = {}
     for domain in params.domains:
         for split in ("val", "test"):
             rows, sources[f"{domain}/{split}"] = triplet_rows(params, domain, 0, (split,))
-            sets[f"{domain}/{split}"] = rows[:limit] if limit else rows
-    distinct = sorted({row[f] for rows in sets.values() for row in rows for f in TEXT_FIELDS})
+            sets[split][domain] = rows[:limit] if limit else rows
+    distinct = sorted({row[f] for g in sets.values() for rows in g.values() for row in rows for f in TEXT_FIELDS})
+    triplets = sum(len(rows) for g in sets.values() for rows in g.values())
 
     model = model_loaders(params.base_model, {}, device)[BASELINE]()
     model.encode(distinct[:batch_size], batch_size=batch_size)  # warm-up
@@ -75,7 +76,7 @@ def main() -> None:
     ratio = result["ours"]["texts_per_s"] / result["raw"]["texts_per_s"]
     info = {
         **result, "ratio_ours_over_raw": ratio, "timing": TIMING, "distinct_texts": len(distinct),
-        "triplets": sum(map(len, sets.values())), "sets": sources, "limit_per_set": limit, "batch_size": batch_size,
+        "triplets": triplets, "sets": sources, "limit_per_set": limit, "batch_size": batch_size,
         "max_seq_length": model.max_seq_length, "device": device, "threads": torch.get_num_threads(),
         "rounds": rounds, "quick": opts.quick, "torch": torch.__version__,
     }  # fmt: skip

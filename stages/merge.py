@@ -5,8 +5,8 @@ import click
 from cachelora import paths
 from cachelora.adapters import save_adapter
 from cachelora.entrypoint import user_errors
-from cachelora.merging import MERGED, merge_adapters
-from cachelora.params import load_params
+from cachelora.merging import merge_adapters
+from cachelora.params import MERGED, load_params
 from cachelora.records import read_triplets
 
 

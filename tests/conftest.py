@@ -25,6 +25,9 @@ TINY_LEXICON = {
                 "What are the symptoms of {topic}?",
                 "how do i know if i have {topic}",
                 "{topic} warning signs in adults",
+                "early signs of {topic}",
+                "what does {topic} feel like",
+                "could my tiredness be {topic}",
             ]
         },
         "treatment": {
@@ -32,10 +35,20 @@ TINY_LEXICON = {
                 "How is {topic} treated?",
                 "best treatment options for {topic}",
                 "what do doctors prescribe for {topic}",
+                "{topic} medication list",
+                "can {topic} be treated at home",
+                "therapy that works for {topic}",
             ]
         },
         "causes": {
-            "templates": ["What causes {topic}?", "why do people get {topic}", "main causes of {topic} explained"]
+            "templates": [
+                "What causes {topic}?",
+                "why do people get {topic}",
+                "main causes of {topic} explained",
+                "is {topic} genetic",
+                "what triggers {topic} in adults",
+                "root cause of {topic}",
+            ]
         },
     },
 }

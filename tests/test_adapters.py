@@ -83,3 +83,21 @@ def test_failed_reload_check_leaves_no_adapter(tiny_adapter, tmp_path, monkeypat
     with pytest.raises(CacheloraError, match=r"reloaded adapter differs"):
         save_adapter(model, tmp_path / "out", "all-MiniLM-L6-v2", read_info(tiny_adapter), ["a probe"])
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("targets", [["query"], ["query", "value", "key"]])
+def test_config_that_disagrees_with_the_weights_is_an_error(tiny_adapter, tmp_path, targets):
+    """peft only warns about missing or unused adapter keys; evaluating such an adapter would give wrong numbers."""
+    adapter = copy(tiny_adapter, tmp_path)
+    config = json.loads((adapter / CONFIG).read_text())
+    (adapter / CONFIG).write_text(json.dumps({**config, "target_modules": targets}))
+    with pytest.raises(CacheloraError, match=r"adapter_config.json and adapter_model.safetensors disagree"):
+        load_adapter_model(adapter)
+
+
+def test_config_of_another_rank_is_an_error(tiny_adapter, tmp_path):
+    adapter = copy(tiny_adapter, tmp_path)
+    config = json.loads((adapter / CONFIG).read_text())
+    (adapter / CONFIG).write_text(json.dumps({**config, "r": 8}))
+    with pytest.raises(CacheloraError, match=r"adapter does not load \(RuntimeError"):
+        load_adapter_model(adapter)

@@ -21,7 +21,8 @@ def test_evaluate_any_triplet_file_with_an_adapter(tiny_adapter, tmp_path):
     out = json.loads((tmp_path / "out.json").read_text())
     assert set(out) == {"baseline", "medical"}
     assert out["baseline"]["all"]["margin_gain_pct"] == 0
-    assert out["medical"]["all"]["at_max_f1"]["in_sample"] == 1
+    replay = out["medical"]["all"]["replay"]
+    assert replay["in_sample"] == 1 and replay["lookups"] == 20 and replay["hit_precision"] >= 0.95
 
 
 def test_per_domain_groups_and_fixed_threshold(tmp_path):
@@ -32,7 +33,15 @@ def test_per_domain_groups_and_fixed_threshold(tmp_path):
     assert result.exit_code == 0, result.output
     out = json.loads((tmp_path / "o.json").read_text())["baseline"]
     assert {"law", "medical", "all", "macro"} == set(out)
-    assert out["law"]["at_given"]["threshold"] == 0.7 and "(in-sample)" not in result.output
+    assert out["law"]["replay"]["threshold"] == 0.7 and "(in-sample)" not in result.output
+    assert out["all"]["replay"]["lookups"] == 20
+
+
+@pytest.mark.parametrize("value", ["2", "-1.5"])
+def test_threshold_outside_cosine_range_is_refused(tmp_path, value):
+    write_jsonl(tmp_path / "mine.jsonl", tiny_rows(10))
+    result = run("--triplets", tmp_path / "mine.jsonl", "--threshold", value)
+    assert result.exit_code == 2 and "--threshold" in result.output
 
 
 def test_thresholds_from_eval_json_must_know_the_model(tmp_path):
@@ -43,18 +52,20 @@ def test_thresholds_from_eval_json_must_know_the_model(tmp_path):
     assert "eval.json: no thresholds for model 'baseline' (use --threshold)" in result.output
 
 
-def test_thresholds_from_eval_json_per_domain_and_mean_for_all(tmp_path):
+def test_thresholds_from_eval_json_per_domain_and_global_for_all(tmp_path):
     rows = tiny_rows(20, seed=9)
     rows[:10] = [dict(r, domain="law") for r in rows[:10]]
     write_jsonl(tmp_path / "mine.jsonl", rows)
-    at = lambda t: {"at_max_f1": {"threshold": t}, "at_target_precision": {"threshold": t + 0.1}}  # noqa: E731
-    (tmp_path / "eval.json").write_text(json.dumps({"baseline": {"law": at(0.5), "medical": at(0.7), "macro": {}}}))
+    val = {"law": {"threshold": 0.5}, "medical": {"threshold": 0.7}, "all": {"threshold": 0.65}}
+    test = {"law": {"at_max_f1": {"threshold": 0.45}}}
+    (tmp_path / "eval.json").write_text(json.dumps({"baseline": {"val": val, "test": test}}))
     args = ("--triplets", tmp_path / "mine.jsonl", "--thresholds-from", tmp_path / "eval.json")
     result = run(*args, "--json", tmp_path / "o.json")
     assert result.exit_code == 0, result.output
     out = json.loads((tmp_path / "o.json").read_text())["baseline"]
-    assert out["law"]["at_max_f1"]["threshold"] == 0.5 and out["medical"]["at_target_precision"]["threshold"] == 0.8
-    assert out["all"]["at_max_f1"]["threshold"] == pytest.approx(0.6) and out["all"]["at_max_f1"]["in_sample"] == 0
+    assert out["law"]["replay"]["threshold"] == 0.5 and out["law"]["at_max_f1"]["threshold"] == 0.45
+    assert out["medical"]["replay"]["threshold"] == 0.7 and out["medical"]["at_max_f1"]["threshold"] == 0.7
+    assert out["all"]["replay"]["threshold"] == 0.65 and out["all"]["replay"]["in_sample"] == 0
 
 
 def test_missing_field_names_file_and_row(tmp_path):
@@ -74,3 +85,22 @@ def test_adapter_trained_on_other_base_is_refused(tiny_adapter, tmp_path):
     write_jsonl(tmp_path / "mine.jsonl", tiny_rows(10))
     result = run("--triplets", tmp_path / "mine.jsonl", "--adapter", other)
     assert result.exit_code == 1 and "trained on base 'all-MiniLM-L6-v2' (111111111111…)" in result.output
+
+
+def test_too_few_rows_and_copied_texts_are_refused_with_their_lines(tmp_path):
+    rows = tiny_rows(10)
+    write_jsonl(tmp_path / "one.jsonl", rows[:1])
+    result = run("--triplets", tmp_path / "one.jsonl")
+    assert result.exit_code == 1 and "one.jsonl: 1 rows, fewer than evaluate.min_rows (5)" in result.output
+    copied = [
+        *rows[:3],
+        dict(rows[3], anchor=rows[3]["positive"]),
+        rows[4],
+        dict(rows[5], negative=rows[5]["positive"]),
+    ]
+    (tmp_path / "copied.jsonl").write_text(
+        "\n".join(json.dumps(r) for r in copied[:2]) + "\n\n" + "\n".join(json.dumps(r) for r in copied[2:]) + "\n"
+    )
+    result = run("--triplets", tmp_path / "copied.jsonl")
+    assert result.exit_code == 1
+    assert "copied.jsonl: line(s) 5, 7: anchor, positive and negative must be three different texts" in result.output

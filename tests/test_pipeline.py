@@ -90,7 +90,26 @@ def test_data_stages_are_reproducible_and_leak_free(repo):
     assert locked_md5s(repo, "data/") == first
     for domain in ("medical", "law", "programming", "psychology"):
         split = json.loads((repo / f"metrics/split/{domain}.json").read_text())
-        assert split["leakage"] == 0 and min(split["rows"].values()) > 0
+        assert split["unseen"] == {"cross_split_topics": 0, "cross_split_templates": 0}
+        assert split["dropped_overlap"] == {"train": 0, "val": 0} and min(split["rows"].values()) > 0
+
+
+def test_a_topic_placed_across_splits_fails_the_split_stage(repo):
+    run(repo, "dvc", "repro", "split")
+    validated = repo / "data/validated/psychology.jsonl"
+    original = validated.read_text()
+    train = [json.loads(x) for x in (repo / "data/splits/psychology/train.jsonl").read_text().splitlines()]
+    shared = train[0]
+    row = json.loads(original.splitlines()[0])
+    row.update(split="test", topic=shared["topic"], negative_topic=shared["topic"])
+    validated.write_text(original + json.dumps(row) + "\n")
+    try:
+        proc = run(repo, "python", "stages/split.py", "--domain", "psychology", check=False)
+        assert proc.returncode == 1
+        expected = "split psychology: 1 topics in train and in val/test across domains (must be 0)"
+        assert expected in proc.stderr, proc.stderr
+    finally:
+        validated.write_text(original)
 
 
 def test_injected_bad_rows_go_to_quarantine_and_nothing_is_lost(repo):
@@ -135,8 +154,21 @@ def test_full_pipeline_noop_experiment_and_metrics_diff(repo):
     for name in ("medical", "law", "programming", "psychology", "multi", "merged"):
         assert (repo / f"models/{name}/adapter_model.safetensors").is_file()
     metrics = json.loads((repo / "metrics/eval.json").read_text())
-    assert {"baseline", "medical", "multi", "merged"} <= set(metrics)
-    assert (repo / "metrics/figures/margin_gain.png").stat().st_size > 1000
+    assert {"baseline", "medical", "multi", "merged", "deploy"} <= set(metrics)
+    assert metrics["contamination"] == {
+        "natural_test_in_train": 0,
+        "natural_test_in_val": 0,
+        "natural_test_in_natural_dev": 0,
+    }
+    deploy = metrics["deploy"]
+    assert deploy["threshold"] == metrics[deploy["model"]]["val"]["all"]["threshold"]
+    assert deploy["natural_test"] == {
+        k: metrics[deploy["model"]]["natural_test"]["all"]["replay"][k]
+        for k in ("threshold", "hit_rate", "hit_precision", "false_hit_rate")
+    }
+    for figure in ("margin_gain", "replay", "pr_curves"):
+        assert (repo / f"metrics/figures/{figure}.png").stat().st_size > 1000
+    assert json.loads((repo / "metrics/plots/replay/natural_test/merged.json").read_text())[0]["hit_rate"] == 1.0
 
     again = run(repo, "dvc", "repro")
     assert "Running stage" not in again.stdout
@@ -152,8 +184,38 @@ def test_full_pipeline_noop_experiment_and_metrics_diff(repo):
     run(repo, "git", "add", "-A")
     run(repo, "git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "rank 16")
     diff = json.loads(run(repo, "dvc", "metrics", "diff", "HEAD~1", "--json").stdout)
+    results = (repo / "RESULTS.md").read_text()
+    assert "+uncommitted" in results  # the experiment ran on params not yet committed
+    failed = run(repo, "cachelora", "verify", check=False)
+    assert failed.returncode == 1 and "generated from inputs not committed" in failed.stdout
+    run(repo, "dvc", "repro", "-f", "report")  # now the inputs are committed: name that commit
+    run(repo, "git", "add", "-A")
+    run(repo, "git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "report")
     changed = diff["metrics/eval.json"]
     assert any(k.startswith("merged.") and v["diff"] for k, v in changed.items() if isinstance(v.get("diff"), float))
+
+
+def test_invalid_params_fail_before_any_output_is_deleted(pipeline):
+    repo = pipeline
+    params = (repo / "params.yaml").read_text()
+    kept = [
+        p
+        for p in (
+            *repo.glob("models/*/adapter_model.safetensors"),
+            *repo.glob("metrics/**/*.json"),
+            repo / "RESULTS.md",
+        )
+    ]
+    before = {p: p.read_bytes() for p in kept}
+    try:
+        set_params(repo, {"lora": {"rank": -1}, "evaluate": {"bootstrap": 200}})
+        proc = run(repo, "dvc", "repro", check=False)
+        assert proc.returncode != 0
+        assert "error: params.yaml: lora.rank: Input should be greater than 0" in proc.stderr + proc.stdout
+        assert {p: p.read_bytes() for p in kept if p.exists()} == before and all(p.exists() for p in kept)
+    finally:
+        (repo / "params.yaml").write_text(params)
+    assert "Running stage" not in run(repo, "dvc", "repro").stdout.replace("Running stage 'check_params'", "")
 
 
 def test_report_cites_and_verify_catches_each_corruption(pipeline):
@@ -167,7 +229,13 @@ def test_report_cites_and_verify_catches_each_corruption(pipeline):
     weights = repo / "models/law/adapter_model.safetensors"
     size = weights.stat().st_size
     weights.write_bytes(weights.read_bytes()[:-6])
-    (repo / "RESULTS.md").write_text(results.replace("| merged |", "| merged | 9.9999 |", 1))
+    merged_row = next(line for line in results.splitlines() if line.startswith("| merged |"))
+    cells = merged_row.split(" | ")
+    cells[2] = "9.9999"
+    (repo / "RESULTS.md").write_text(results.replace(merged_row, " | ".join(cells), 1))
+    headline_row = next(line for line in readme.splitlines() if line.startswith("| law | merged |"))
+    (repo / "README.md").write_text(readme.replace(headline_row, "| law | merged |", 1))
+    readme_line = readme.splitlines().index(headline_row) + 1
     info_path = repo / "models/psychology/training_info.json"
     info = json.loads(info_path.read_text())
     info["base_model"]["sha256"] = "0" * 64
@@ -182,12 +250,14 @@ def test_report_cites_and_verify_catches_each_corruption(pipeline):
         assert f"cover {size} bytes, file has {size - 6} (-6)" in text
         assert "models/law/adapter_model.safetensors: md5" in text
         assert "RESULTS.md:" in text and "is 9.9999 here" in text
+        assert f"README.md:{readme_line}: row 'law / merged' has 2 cells, expected 9" in text
         assert "adapter was trained on 000000000000" in text
         assert "data/splits/medical/test.jsonl: md5" in text
         assert "data/quarantine/law.jsonl: missing" in text
     finally:
         run(repo, "dvc", "checkout", "-f")
         (repo / "RESULTS.md").write_text(results)
+        (repo / "README.md").write_text(readme)
     recomputed = run(repo, "cachelora", "verify", "--recompute")
     assert "verify: OK" in recomputed.stdout and "re-evaluation within" in recomputed.stdout
 
@@ -197,8 +267,22 @@ def test_exported_model_matches_base_plus_adapter(pipeline):
     run(repo, "cachelora", "export", "--model", "merged", "--out", "exported")
     config = json.loads((repo / "exported/cache_config.json").read_text())
     assert config["dimension"] == 384 and config["normalize"] and config["pooling"] == "mean"
-    assert 0 < config["recommended_threshold"]["threshold"] < 1
-    assert "model.safetensors" in config["checksums"]
+    metrics = json.loads((repo / "metrics/eval.json").read_text())
+    shipped = config["thresholds"]["global"]
+    assert shipped["threshold"] == metrics["merged"]["val"]["all"]["threshold"]
+    assert shipped["test"]["hit_precision"] == metrics["merged"]["test"]["all"]["replay"]["hit_precision"]
+    assert config["thresholds"]["per_domain"]["law"]["threshold"] == metrics["merged"]["val"]["law"]["threshold"]
+    assert {"model.safetensors", "config.json", "tokenizer.json", "semantic_router.yaml"} <= set(config["checksums"])
+    router = yaml.safe_load((repo / "exported/semantic_router.yaml").read_text())
+    assert router["global"]["stores"]["semantic_cache"]["similarity_threshold"] == round(shipped["threshold"], 4)
+    plugin = router["routing"]["decisions"][0]["plugins"][0]
+    assert plugin["type"] == "semantic-cache" and plugin["configuration"]["enabled"] is True
+
+    default = run(repo, "cachelora", "export", "--out", "deployed").stdout
+    deployed = json.loads((repo / "deployed/cache_config.json").read_text())
+    assert deployed["model"] == metrics["deploy"]["model"] and deployed["deploy_choice"]
+    assert deployed["thresholds"]["global"]["threshold"] == metrics["deploy"]["threshold"]
+    assert f"exported {metrics['deploy']['model']} to deployed" in default
     check = (
         "import sys, numpy as np\n"
         "from sentence_transformers import SentenceTransformer\n"

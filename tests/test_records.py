@@ -150,3 +150,16 @@ def test_temp_names_are_ignored_by_git_and_dvc(tmp_path):
         assert result.stdout.split() == names, f"{command[-2]} does not ignore {names}: {result.stderr}"
         kept = subprocess.run([*command, "data/seed/medical.yaml"], cwd=ROOT, env=env, capture_output=True)
         assert kept.returncode == 1  # and a real file is not ignored
+
+
+def test_non_utf8_and_empty_files_are_one_line_errors(tmp_path):
+    from cachelora.evaluation import evaluation_rows
+
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(b'{"anchor": "ok", "positive": "fine", "negative": "good"}\n{"anchor": "caf\xe9"}\n')
+    with pytest.raises(CacheloraError, match=r"latin1.jsonl:2: not UTF-8 text"):
+        read_jsonl(bad)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(CacheloraError, match=r"empty.jsonl: 0 rows, fewer than evaluate.min_rows \(5\)"):
+        evaluation_rows(empty, 5)

@@ -98,16 +98,27 @@ def test_length_ordered_passes_give_each_column_its_own_embeddings():
         torch.testing.assert_close(ours, reference, atol=1e-5, rtol=0)
 
 
-def test_hard_negatives_are_in_the_loss(train_file, tmp_path):
-    """Same anchors and positives, other negatives: a loss that ignored the column would not change."""
-    rows = tiny_rows(24)
-    swapped = [dict(r, negative=rows[(i + 5) % len(rows)]["positive"]) for i, r in enumerate(rows)]
-    other = tmp_path / "train.jsonl"
-    write_jsonl(other, swapped)
-    params = tiny_model_params(epochs=0.3, lr=1e-9)
-    first = train_model("medical", params, [train_file]).history[0]["loss"]
-    second = train_model("medical", params, [other]).history[0]["loss"]
-    assert first != pytest.approx(second, abs=1e-4)
+def test_a_training_step_sends_gradient_through_the_hard_negatives(train_file, monkeypatch):
+    """The loss of a real training step depends on the negative column: its embeddings get a gradient."""
+    import cachelora.training as training
+
+    columns: list[list[torch.Tensor]] = []
+    embed = training.embed_columns
+
+    def recorded(*args, **kwargs):
+        out = embed(*args, **kwargs)
+        for tensor in out:
+            tensor.retain_grad()
+        columns.append(out)
+        return out
+
+    monkeypatch.setattr(training, "embed_columns", recorded)
+    train_model("medical", tiny_model_params(epochs=0.3), [train_file])
+    assert columns and all(len(step) == len(TEXT_FIELDS) for step in columns)
+    for step in columns:
+        anchor, positive, negative = (c.grad for c in step)
+        assert negative is not None and float(negative.abs().sum()) > 0
+        assert anchor is not None and positive is not None
 
 
 def test_training_moves_only_lora_weights(train_file):

@@ -52,13 +52,24 @@ def read_info(adapter_dir: str | Path) -> dict[str, Any]:
 
 def attach_adapter(model: SentenceTransformer, adapter_dir: str | Path) -> None:
     """Load a saved adapter onto ``model`` (in place); a corrupt file is one clear error."""
-    from peft import PeftModel
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors import safe_open
 
     try:
-        model[0].model = PeftModel.from_pretrained(model[0].model, str(adapter_dir))
+        peft_model = PeftModel.from_pretrained(model[0].model, str(adapter_dir))
+        with safe_open(str(Path(adapter_dir) / WEIGHTS), framework="pt") as st:
+            stored = set(st.keys())
     except Exception as exc:  # safetensors, json and peft all raise their own types
         detail = f"{type(exc).__name__}: {exc}".replace("\n", " ")
         raise CacheloraError(f"{adapter_dir}: adapter does not load ({detail})") from None
+    expected = set(get_peft_model_state_dict(peft_model))
+    if stored != expected:  # peft only warns: its config and its weights describe different adapters
+        missing, unexpected = sorted(expected - stored), sorted(stored - expected)
+        raise CacheloraError(
+            f"{adapter_dir}: {CONFIG} and {WEIGHTS} disagree ({len(missing)} missing weights, e.g. "
+            f"{missing[:1]}; {len(unexpected)} unexpected, e.g. {unexpected[:1]})"
+        )
+    model[0].model = peft_model
     model.eval()
 
 

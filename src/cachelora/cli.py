@@ -1,4 +1,4 @@
-"""The ``cachelora`` command: ad-hoc evaluation (and, later, verify/export/publish)."""
+"""The ``cachelora`` command: every command a person runs (evaluate, verify, export, publish, fetch)."""
 
 from __future__ import annotations
 
@@ -10,18 +10,16 @@ import click
 from cachelora.entrypoint import user_errors
 from cachelora.errors import CacheloraError
 from cachelora.evaluation import (
+    ALL,
     BASELINE,
-    MACRO_KEYS,
-    domain_entries,
-    macro,
+    evaluation_rows,
     model_loaders,
+    operating_points,
+    report_set,
     score_models,
-    select_thresholds,
-    triplet_metrics,
+    with_all,
 )
-from cachelora.records import read_json, read_triplets, write_json
-
-ALL = "all"
+from cachelora.records import read_json, write_json
 
 
 @click.group()
@@ -30,44 +28,45 @@ def main() -> None:
 
 
 def _groups(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """Rows by their ``domain`` field (when every row has one), plus ``all``."""
+    """Rows by their ``domain`` field (when every row has one), plus ``all`` (one cache for every row)."""
+    if not all(isinstance(r.get("domain"), str) and r["domain"] for r in rows):
+        return {ALL: rows}
     groups: dict[str, list[dict[str, Any]]] = {}
-    if all(isinstance(r.get("domain"), str) and r["domain"] for r in rows):
-        for row in rows:
-            groups.setdefault(row["domain"], []).append(row)
-    if len(groups) != 1:
-        groups[ALL] = rows
-    return groups
+    for row in rows:
+        groups.setdefault(row["domain"], []).append(row)
+    return with_all(groups)
 
 
-def _thresholds_from(path: Path, model: str, group: str) -> dict[str, float]:
-    """The val-chosen thresholds of ``model`` for ``group``; for a group eval.json has no entry for
-    (``all``, or a file without domains), the mean over its domains, as ``export`` recommends."""
-    domains = domain_entries(read_json(path), model)
-    if not domains:
+def _thresholds_from(path: Path, model: str) -> dict[str, dict[str, float]]:
+    """A model's val-chosen thresholds per group in eval.json (groups it lacks take ``all``'s)."""
+    entry = read_json(path).get(model)
+    if not isinstance(entry, dict) or not isinstance(entry.get("val"), dict) or ALL not in entry["val"]:
         raise CacheloraError(f"{path}: no thresholds for model '{model}' (use --threshold)")
-    chosen = [domains[group]] if group in domains else list(domains.values())
+    test = entry.get("test", {})
     return {
-        name: sum(entry[f"at_{name}"]["threshold"] for entry in chosen) / len(chosen)
-        for name in ("max_f1", "target_precision")
+        group: {
+            "replay": at["threshold"],
+            "max_f1": test.get(group, {}).get("at_max_f1", {}).get("threshold", at["threshold"]),
+        }
+        for group, at in entry["val"].items()
     }
 
 
 def _table(result: dict[str, dict[str, dict[str, Any]]]) -> str:
     lines = [
-        f"{'model':<14} {'domain':<12} {'n':>5} {'margin':>7} {'gain %':>8} {'acc':>6} {'AP':>6}"
-        f" {'thresh':>7} {'prec':>6} {'recall':>6} {'F1':>6} {'FHR':>6}"
+        f"{'model':<14} {'group':<12} {'n':>5} {'AP':>6} {'acc':>6} {'gain %':>8}"
+        f" {'thresh':>7} {'hit rate':>8} {'hit prec':>8} {'FHR':>6}"
     ]
     for model, groups in result.items():
         for group, m in groups.items():
             if group == "macro":
                 continue
-            d = m["at_max_f1"] if "at_max_f1" in m else m["at_given"]
-            flag = " (in-sample)" if d["in_sample"] else ""
+            r = m["replay"]
+            flag = " (in-sample)" if r["in_sample"] else ""
             lines.append(
-                f"{model:<14} {group:<12} {m['triplets']:>5} {m['margin']:>7.4f} {m['margin_gain_pct']:>+8.1f}"
-                f" {m['triplet_accuracy']:>6.3f} {m['average_precision']:>6.3f} {d['threshold']:>7.3f}"
-                f" {d['precision']:>6.3f} {d['recall']:>6.3f} {d['f1']:>6.3f} {d['false_hit_rate']:>6.3f}{flag}"
+                f"{model:<14} {group:<12} {m['triplets']:>5} {m['average_precision']:>6.3f}"
+                f" {m['triplet_accuracy']:>6.3f} {m['margin_gain_pct']:>+8.1f} {r['threshold']:>7.3f}"
+                f" {r['hit_rate']:>8.3f} {r['hit_precision']:>8.3f} {r['false_hit_rate']:>6.3f}{flag}"
             )
     return "\n".join(lines)
 
@@ -78,7 +77,7 @@ def _table(result: dict[str, dict[str, dict[str, Any]]]) -> str:
     "triplets_file",
     required=True,
     type=click.Path(path_type=Path),
-    help="JSONL of {anchor, positive, negative[, domain]}.",
+    help="JSONL of {anchor, positive, negative[, domain, source_id, topic]}.",
 )
 @click.option(
     "--adapter",
@@ -88,15 +87,24 @@ def _table(result: dict[str, dict[str, dict[str, Any]]]) -> str:
     help="Adapter directory (repeatable); the base model alone is always evaluated as 'baseline'.",
 )
 @click.option("--base", default=None, help="Base model name or path (default: params.yaml base_model).")
-@click.option("--threshold", type=float, default=None, help="Fixed cache threshold for the decision metrics.")
+@click.option(
+    "--threshold", type=click.FloatRange(-1, 1), default=None, help="Fixed cache threshold (cosine, -1 to 1)."
+)
 @click.option(
     "--thresholds-from",
     type=click.Path(path_type=Path),
     default=None,
-    help="Take each model's val-chosen thresholds from this eval.json.",
+    help="Take each model's val-chosen thresholds (per domain, and 'all') from this eval.json.",
 )
-@click.option("--target-precision", default=0.9, show_default=True, help="For the target-precision threshold.")
-@click.option("--bootstrap", default=1000, show_default=True, help="Paired-bootstrap resamples.")
+@click.option(
+    "--target-precision",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=0.95,
+    show_default=True,
+    help="In-sample operating point: the lowest threshold whose hit precision reaches this.",
+)
+@click.option("--bootstrap", default=1000, show_default=True, help="Paired-bootstrap resamples (whole groups).")
+@click.option("--min-rows", default=5, show_default=True, help="Fewer triplets in the file is an error.")
 @click.option("--seed", default=42, show_default=True)
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the metrics here.")
 @user_errors
@@ -108,10 +116,11 @@ def evaluate(
     thresholds_from: Path | None,
     target_precision: float,
     bootstrap: int,
+    min_rows: int,
     seed: int,
     json_out: Path | None,
 ) -> None:
-    """Evaluate the base model and adapters on any triplet file, per domain when rows name one.
+    """Cache replay, ranking quality and margins of the base model and adapters on any triplet file.
 
     Thresholds come from --threshold, from --thresholds-from (chosen on val by the pipeline), or
     else are chosen on this same file and labelled in-sample.
@@ -123,24 +132,19 @@ def evaluate(
 
         base = load_params().base_model if PARAMS_FILE.is_file() else "all-MiniLM-L6-v2"
     _check_adapters(adapters, base)
-    groups = _groups(read_triplets(triplets_file))
+    groups = _groups(evaluation_rows(triplets_file, min_rows))
     loaders = model_loaders(base, {path.name: path for path in adapters})
-    scores = score_models(loaders, groups, batch_size=128)
+    scored = score_models(loaders, {"file": groups}, batch_size=128)
     result: dict[str, Any] = {}
-    for model, by_group in scores.items():
-        per_group = {}
-        for group, s in by_group.items():
-            if threshold is not None:
-                chosen, in_sample = {"given": threshold}, False
-            elif thresholds_from is not None:
-                chosen, in_sample = _thresholds_from(thresholds_from, model, group), False
-            else:
-                chosen, in_sample = select_thresholds(s, target_precision), True
-            per_group[group] = triplet_metrics(s, scores[BASELINE][group], chosen, bootstrap, seed, in_sample)
-        domains = {k: v for k, v in per_group.items() if k != ALL}
-        if len(domains) > 1:
-            per_group["macro"] = macro(domains, MACRO_KEYS)
-        result[model] = per_group
+    for model, by_set in scored.items():
+        in_sample = threshold is None and thresholds_from is None
+        if threshold is not None:
+            chosen = {ALL: {"replay": threshold, "max_f1": threshold}}
+        elif thresholds_from is not None:
+            chosen = _thresholds_from(thresholds_from, model)
+        else:
+            chosen = operating_points(by_set["file"], target_precision)
+        result[model] = report_set(by_set["file"], scored[BASELINE]["file"], chosen, bootstrap, seed, in_sample)
     click.echo(_table(result))
     if json_out is not None:
         write_json(json_out, result)
@@ -180,18 +184,22 @@ def verify(pull: bool, recompute: bool) -> None:
 
 
 @main.command()
-@click.option("--model", "model_name", required=True, help="merged, multi or a domain.")
+@click.option(
+    "--model", "model_name", default=None, help="baseline, merged, multi or a domain (default: eval.json's deploy)."
+)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory to write the model to.")
 @user_errors
-def export(model_name: str, out: Path) -> None:
-    """Merge a LoRA into the base model: a standalone sentence-transformers directory plus cache_config.json."""
+def export(model_name: str | None, out: Path) -> None:
+    """A standalone sentence-transformers directory (LoRA merged in) with cache_config.json and a
+    semantic-router config snippet, both carrying the val-chosen thresholds and their measured figures."""
     from cachelora.export import export_model
 
     config = export_model(model_name, out)
-    t = config["recommended_threshold"]
+    g = config["thresholds"]["global"]
     click.echo(
-        f"exported {model_name} to {out}: dim {config['dimension']}, threshold {t['threshold']:.3f} "
-        f"(test precision {t['test_precision']:.3f}, recall {t['test_recall']:.3f})"
+        f"exported {config['model']} to {out}: dim {config['dimension']}, threshold {g['threshold']:.3f} "
+        f"(test hit precision {g['test']['hit_precision']:.3f}, hit rate {g['test']['hit_rate']:.3f}; "
+        f"natural test {g['natural_test']['hit_precision']:.3f}, {g['natural_test']['hit_rate']:.3f})"
     )
 
 
@@ -206,8 +214,7 @@ def publish(url: str, model_name: str) -> None:
     """
     import tempfile
 
-    from cachelora.merging import MERGED
-    from cachelora.params import load_params
+    from cachelora.params import MERGED, load_params
     from cachelora.provenance import verify
     from cachelora.releases import build_release, publish_release, record_release, release_url
 

@@ -18,11 +18,10 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 
 from cachelora import paths
 from cachelora.errors import CacheloraError
-from cachelora.params import MULTI, Params
+from cachelora.params import BASELINE, MERGED, MULTI, Params
 from cachelora.records import TEXT_FIELDS, normalise, read_triplets, write_json
 from cachelora.replay import GRID, Replay
 
-BASELINE = "baseline"
 ALL = "all"
 MACRO_KEYS = ("margin", "margin_gain_pct", "triplet_accuracy", "average_precision")
 REPORTED_SETS = ("test", "natural_dev", "natural_test")
@@ -229,11 +228,25 @@ def report_set(
 # --- the pipeline ----------------------------------------------------------------------------------
 
 
-def natural_rows(path: Path, domains: list[str]) -> dict[str, list[dict[str, Any]]]:
+def evaluation_rows(path: Path, min_rows: int, required: tuple[str, ...] = TEXT_FIELDS) -> list[dict[str, Any]]:
+    """A triplet file fit to evaluate: at least ``min_rows`` rows, each with three different texts
+    (a row failing that is refused with its line number: it would score as a sure hit or miss)."""
+    rows = read_triplets(path, required)
+    if len(rows) < min_rows:
+        raise CacheloraError(f"{path}: {len(rows)} rows, fewer than evaluate.min_rows ({min_rows})")
+    lines = [n for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+    same = [lines[i] for i, row in enumerate(rows) if len({normalise(row[f]) for f in TEXT_FIELDS}) < len(TEXT_FIELDS)]
+    if same:
+        shown = ", ".join(map(str, same[:10])) + (", ..." if len(same) > 10 else "")
+        raise CacheloraError(f"{path}: line(s) {shown}: anchor, positive and negative must be three different texts")
+    return rows
+
+
+def natural_rows(path: Path, domains: list[str], min_rows: int) -> dict[str, list[dict[str, Any]]]:
     """A natural set's rows by domain (rows of domains params do not list are left out); every
     domain needs rows of its own."""
     by_domain: dict[str, list[dict[str, Any]]] = {d: [] for d in domains}
-    for row in read_triplets(path, (*TEXT_FIELDS, "domain")):
+    for row in evaluation_rows(path, min_rows, (*TEXT_FIELDS, "domain")):
         if row["domain"] in by_domain:
             by_domain[row["domain"]].append(row)
     for domain, rows in by_domain.items():
@@ -244,12 +257,13 @@ def natural_rows(path: Path, domains: list[str]) -> dict[str, list[dict[str, Any
 
 def pipeline_sets(params: Params) -> dict[str, dict[str, list[dict[str, Any]]]]:
     """set -> group -> rows: val and test splits and the natural dev and test sets, each with ``all``."""
+    min_rows = params.evaluate.min_rows
     sets = {
-        split: with_all({d: read_triplets(paths.split_file(d, split)) for d in params.domains})
+        split: with_all({d: evaluation_rows(paths.split_file(d, split), min_rows) for d in params.domains})
         for split in (CHOSEN_ON, "test")
     }
     for split in ("dev", "test"):
-        sets[f"natural_{split}"] = with_all(natural_rows(paths.natural(split), params.domains))
+        sets[f"natural_{split}"] = with_all(natural_rows(paths.natural(split), params.domains, min_rows))
     return sets
 
 
@@ -299,7 +313,6 @@ def choose_deploy(result: dict[str, Any], models: list[str]) -> dict[str, Any]:
 def pipeline_metrics(params: Params) -> tuple[dict[str, Any], dict[str, dict[str, dict[str, Scored]]]]:
     """Every pipeline model on every set: operating points chosen on val, reported elsewhere."""
     from cachelora.base_model import weights_sha256
-    from cachelora.merging import MERGED
 
     ep = params.evaluate
     names = [*params.train_models, MERGED]
@@ -347,7 +360,6 @@ def pipeline_evaluation(params: Params) -> dict[str, Any]:
 def write_plots(scored: dict[str, dict[str, dict[str, Scored]]], params: Params, result: dict[str, Any]) -> None:
     """DVC plot data (replay and PR curves) and the PNG figures."""
     from cachelora import figures
-    from cachelora.merging import MERGED
 
     shown = list(dict.fromkeys([BASELINE, MULTI, MERGED, result["deploy"]["model"]]))
     replay_curves: dict[str, dict[str, dict[str, list[dict[str, float]]]]] = {}

@@ -7,35 +7,94 @@ from pathlib import Path
 from typing import Any
 
 from cachelora import paths
-from cachelora.adapters import load_adapter_model, read_info
+from cachelora.adapters import WEIGHTS, load_adapter_model, read_info
 from cachelora.errors import CacheloraError
-from cachelora.records import atomic_dir, file_sha256, read_json, write_json
+from cachelora.records import atomic_dir, file_sha256, read_json, write_json, write_text
 
 log = logging.getLogger(__name__)
 
 CACHE_CONFIG = "cache_config.json"
 
 
-def recommended_threshold(eval_metrics: dict[str, Any], model: str) -> dict[str, Any]:
-    """The mean of the per-domain max-F1 thresholds (chosen on val), with val/test precision and recall."""
-    from cachelora.evaluation import domain_entries
+SEMANTIC_ROUTER_CONFIG = "semantic_router.yaml"
+FIGURES = ("hit_rate", "hit_precision", "false_hit_rate")
+SETS = ("val", "test", "natural_test")
 
-    domains = {d: m["at_max_f1"] for d, m in domain_entries(eval_metrics, model).items()}
-    if not domains:
+
+def shipped_thresholds(eval_metrics: dict[str, Any], model: str) -> dict[str, Any]:
+    """The model's val-chosen operating points (global and per domain) with the cache-replay figures
+    measured at exactly those thresholds on val, the generated test split and the natural test set."""
+    from cachelora.evaluation import ALL, replay_entry
+
+    entry = eval_metrics.get(model)
+    if not isinstance(entry, dict) or ALL not in entry.get("val", {}):
         raise CacheloraError(f"{paths.METRICS_DIR / 'eval.json'}: no metrics for model '{model}'")
-    mean = lambda key: round(sum(d[key] for d in domains.values()) / len(domains), 6)  # noqa: E731
+
+    def at(group: str) -> dict[str, Any]:
+        figures = {s: {k: replay_entry(entry, s, group)[k] for k in FIGURES} for s in SETS if group in entry[s]}
+        return {"threshold": entry["val"][group]["threshold"], **figures}
+
+    target = eval_metrics["target_precision"]
     return {
-        "threshold": mean("threshold"),
-        "chosen_on": "val (max F1 per domain, averaged)",
-        "val_precision": mean("val_precision"),
-        "val_recall": mean("val_recall"),
-        "test_precision": mean("precision"),
-        "test_recall": mean("recall"),
-        "per_domain": {
-            d: {k: m[k] for k in ("threshold", "val_precision", "val_recall", "precision", "recall")}
-            for d, m in domains.items()
-        },
+        "chosen_on": f"val: the lowest threshold whose cache-replay hit precision reaches {target}",
+        "target_precision": target,
+        "global": at(ALL),
+        "per_domain": {group: at(group) for group in entry["val"] if group != ALL},
     }
+
+
+def semantic_router_snippet(model: str, thresholds: dict[str, Any]) -> str:
+    """Cache thresholds in vllm-project/semantic-router's config (schema v0.3): the global
+    ``global.stores.semantic_cache.similarity_threshold`` and a per-decision ``semantic-cache``
+    plugin with its own ``similarity_threshold``."""
+
+    def measured(entry: dict[str, Any]) -> str:
+        return ", ".join(
+            f"{s} precision {entry[s]['hit_precision']:.3f} hit rate {entry[s]['hit_rate']:.3f}"
+            for s in SETS
+            if s in entry
+        )
+
+    g = thresholds["global"]
+    lines = [
+        f"# cachelora export of '{model}': semantic-cache thresholds for vllm-project/semantic-router.",
+        f"# Chosen on {thresholds['chosen_on']}. Merge into your config.yaml.",
+        "global:",
+        "  stores:",
+        "    semantic_cache:",
+        "      enabled: true",
+        f"      similarity_threshold: {g['threshold']:.4f}  # {measured(g)}",
+        "routing:",
+        "  decisions:",
+    ]
+    for domain, entry in thresholds["per_domain"].items():
+        lines += [
+            f"    # add this plugin to the decision that routes {domain} queries ({measured(entry)})",
+            f"    - name: {domain}",
+            "      plugins:",
+            "        - type: semantic-cache",
+            "          configuration:",
+            "            enabled: true",
+            f"            similarity_threshold: {entry['threshold']:.4f}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _load(model_name: str) -> tuple[Any, dict[str, Any], str | None]:
+    """The serving model (LoRA merged into the weights), its base model record and adapter sha256."""
+    from cachelora.evaluation import BASELINE
+
+    if model_name == BASELINE:
+        from cachelora.base_model import load_base, weights_sha256
+        from cachelora.params import load_params
+
+        base = load_params().base_model
+        return load_base(base), {"name": base, "sha256": weights_sha256(base)}, None
+    adapter = paths.model_dir(model_name)
+    info = read_info(adapter)
+    model = load_adapter_model(adapter)
+    model[0].model = model[0].model.merge_and_unload()
+    return model, info["base_model"], file_sha256(adapter / WEIGHTS)
 
 
 def _pooling(model: Any) -> str | None:
@@ -47,28 +106,31 @@ def _pooling(model: Any) -> str | None:
     return None
 
 
-def export_model(model_name: str, out: Path, eval_path: Path = paths.METRICS_DIR / "eval.json") -> dict[str, Any]:
-    """Merge ``models/<model_name>`` into its base and save a model that loads without peft."""
-    adapter = paths.model_dir(model_name)
-    info = read_info(adapter)
-    threshold = recommended_threshold(read_json(eval_path), model_name)
-    model = load_adapter_model(adapter)
-    model[0].model = model[0].model.merge_and_unload()
+def export_model(
+    model_name: str | None, out: Path, eval_path: Path = paths.METRICS_DIR / "eval.json"
+) -> dict[str, Any]:
+    """Save a model that loads without peft (``deploy``'s choice by default) with its cache thresholds."""
+    eval_metrics = read_json(eval_path)
+    model_name = model_name or eval_metrics["deploy"]["model"]
+    thresholds = shipped_thresholds(eval_metrics, model_name)
+    model, base, adapter_sha = _load(model_name)
     with atomic_dir(out) as tmp:
         model.save(str(tmp))
         modules = [type(m).__name__ for m in model]
+        write_text(tmp / SEMANTIC_ROUTER_CONFIG, semantic_router_snippet(model_name, thresholds))
         config = {
             "model": model_name,
-            "base_model": info["base_model"],
-            "adapter_sha256": file_sha256(adapter / "adapter_model.safetensors"),
+            "deploy_choice": model_name == eval_metrics["deploy"]["model"],
+            "base_model": base,
+            "adapter_sha256": adapter_sha,
             "pooling": _pooling(model),
             "normalize": "Normalize" in modules,
             "dimension": model.get_embedding_dimension(),
             "max_seq_length": model.max_seq_length,
             "similarity": "cosine",
-            "recommended_threshold": threshold,
+            "thresholds": thresholds,
             "checksums": {p.relative_to(tmp).as_posix(): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()},
         }
         write_json(tmp / CACHE_CONFIG, config)
-    log.info("exported %s to %s (threshold %.3f)", model_name, out, threshold["threshold"])
+    log.info("exported %s to %s (threshold %.3f)", model_name, out, thresholds["global"]["threshold"])
     return config

@@ -9,7 +9,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from cachelora.lexicon import Lexicon, Topic, load_lexicon
+from cachelora.lexicon import Lexicon, Topic, load_lexicons
 from cachelora.params import Params, SplitParams
 from cachelora.records import normalise, stable_id, write_jsonl
 from cachelora.splitting import SplitPlan
@@ -164,11 +164,6 @@ def split_counts(total: int, params: SplitParams) -> dict[str, int]:
     """Rows per split for ``total`` generated rows (test takes the rounding remainder)."""
     train, val = round(total * params.train), round(total * params.val)
     return {"train": train, "val": val, "test": total - train - val}
-
-
-def load_lexicons(domains: list[str], seed_dir: str | Path) -> dict[str, Lexicon]:
-    """Every domain's lexicon: topics are grouped and split across all of them."""
-    return {domain: load_lexicon(domain, seed_dir) for domain in domains}
 
 
 def generate_offline(params: Params, domain: str, lexicons: dict[str, Lexicon]) -> list[dict[str, Any]]:

@@ -129,3 +129,8 @@ def load_lexicon(domain: str, seed_dir: str | Path = SEED_DIR) -> Lexicon:
     if lexicon.domain != domain:
         raise CacheloraError(f"{path}: domain: '{lexicon.domain}' does not match the file name '{domain}'")
     return lexicon
+
+
+def load_lexicons(domains: list[str], seed_dir: str | Path = SEED_DIR) -> dict[str, Lexicon]:
+    """Every domain's lexicon (topics are grouped and split across all of them)."""
+    return {domain: load_lexicon(domain, seed_dir) for domain in domains}

@@ -13,12 +13,11 @@ from cachelora import paths
 from cachelora.adapters import WEIGHTS, read_info
 from cachelora.base_model import load_base, weights_sha256
 from cachelora.errors import CacheloraError
-from cachelora.params import Params
+from cachelora.params import MERGED, Params
 from cachelora.records import file_md5
 
 log = logging.getLogger(__name__)
 
-MERGED = "merged"
 RANDOM_METHODS = ("dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd")
 
 

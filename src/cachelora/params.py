@@ -11,7 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from cachelora.errors import CacheloraError, from_validation
 
 PARAMS_FILE = Path("params.yaml")
-MULTI = "multi"
+BASELINE = "baseline"  # the base model with no adapter
+MULTI = "multi"  # one adapter trained on every domain's train split
+MERGED = "merged"  # the domain adapters merged into one
 
 
 class _Strict(BaseModel):
@@ -105,6 +107,7 @@ class MergeParams(_Strict):
 
 class EvaluateParams(_Strict):
     target_precision: float = Field(0.95, gt=0, le=1)
+    min_rows: int = Field(5, ge=2)
     bootstrap: int = Field(1000, ge=100)
     seed: int = 42
     batch_size: int = Field(128, ge=1)
@@ -113,6 +116,7 @@ class EvaluateParams(_Strict):
 class Params(_Strict):
     domains: list[str] = Field(min_length=1)
     train_models: list[str]
+    train_data: dict[str, str] | None = None
     base_model: str = "all-MiniLM-L6-v2"
     generate: GenerateParams = GenerateParams()
     validate_: ValidateParams = Field(ValidateParams(), alias="validate")
@@ -131,6 +135,9 @@ class Params(_Strict):
         expected = [*self.domains, MULTI]
         if self.train_models != expected:
             raise ValueError(f"train_models must be the domains followed by '{MULTI}': {expected}")
+        wanted = {**{d: f"data/splits/{d}" for d in self.domains}, MULTI: "data/splits"}
+        if self.train_data is not None and self.train_data != wanted:
+            raise ValueError(f"train_data must map each model to the splits it trains on: {wanted}")
         if self.merge.weights is not None and len(self.merge.weights) != len(self.domains):
             raise ValueError(f"merge.weights: need one weight per domain ({len(self.domains)})")
         return self

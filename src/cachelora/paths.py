@@ -7,6 +7,9 @@ from pathlib import Path
 SEED_DIR = Path("data/seed")
 METRICS_DIR = Path("metrics")
 MODELS_DIR = Path("models")
+PARAMS_CHECK = METRICS_DIR / "params_check.json"
+# What people edit and every number depends on (git-tracked; DVC outputs under data/ are gitignored).
+PIPELINE_INPUTS = ["dvc.yaml", "params.yaml", "stages", "src", "data"]
 
 
 def triplets(domain: str) -> Path:

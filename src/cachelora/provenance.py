@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import struct
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ import yaml
 
 from cachelora import paths
 from cachelora.errors import CacheloraError
-from cachelora.params import Params
+from cachelora.params import MERGED, MULTI, Params
 from cachelora.records import file_md5, read_json, write_text
 
 LOCK = Path("dvc.lock")
@@ -87,81 +89,136 @@ def params_digest(path: Path = Path("params.yaml")) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
-def git_commit() -> str:
-    """The checked-out commit, ``+dirty`` when the working tree differs from it."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
-    except (OSError, subprocess.CalledProcessError):
+def _git(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["git", *args], capture_output=True, text=True)
+
+
+def git_commit(inputs: list[str]) -> str:
+    """The commit holding the pipeline's inputs: HEAD, with ``+uncommitted`` when they differ from it."""
+    head = _git("rev-parse", "HEAD")
+    if head.returncode != 0:
         return "unknown"
-    return head + ("+dirty" if dirty.stdout.strip() else "")
+    changed = _git("status", "--porcelain", "--untracked-files=all", "--", *inputs).stdout.strip()
+    return head.stdout.strip() + ("+uncommitted" if changed else "")
+
+
+def check_commit(commit: str, inputs: list[str], source: Path) -> Iterator[str]:
+    """The named commit exists, is HEAD or an ancestor of it, and holds the inputs as they are now."""
+    sha = commit.removesuffix("+uncommitted")
+    if commit != sha:
+        yield f"{source}: generated from inputs not committed on {sha[:12]} (commit them, then `dvc repro -f report`)"
+    elif _git("merge-base", "--is-ancestor", sha, "HEAD").returncode != 0:
+        yield f"{source}: commit {sha[:12]} is not HEAD or an ancestor of it"
+    elif changed := _git("diff", "--name-only", sha, "--", *inputs).stdout.split():
+        yield f"{source}: inputs changed since commit {sha[:12]}: {', '.join(changed[:5])}"
 
 
 # --- the tables ----------------------------------------------------------------------------------
 
 
+def _models(params: Params) -> list[str]:
+    from cachelora.evaluation import BASELINE
+
+    return [BASELINE, *params.train_models, MERGED]
+
+
+def _groups(params: Params) -> list[str]:
+    from cachelora.evaluation import ALL
+
+    return [*params.domains, ALL]
+
+
 def headline_table(params: Params) -> Table:
-    """Baseline against the merged and multi adapters, per domain (test split)."""
+    """Per domain (and all domains in one cache): what a cache does at the val-chosen operating point,
+    on the generated test split and the natural test set, for the baseline, multi and merged."""
+    from cachelora.evaluation import BASELINE, CHOSEN_ON
+
     rows = []
-    for d in params.domains:
+    for g in _groups(params):
+        for m in (BASELINE, MULTI, MERGED):
+            rows.append(
+                (
+                    g,
+                    m,
+                    Cell(EVAL, f"{m}.{CHOSEN_ON}.{g}.threshold", ".3f"),
+                    Cell(EVAL, f"{m}.test.{g}.replay.hit_rate", ".3f"),
+                    Cell(EVAL, f"{m}.test.{g}.replay.hit_precision", ".3f"),
+                    Cell(EVAL, f"{m}.test.{g}.average_precision", ".3f"),
+                    Cell(EVAL, f"{m}.natural_test.{g}.replay.hit_rate", ".3f"),
+                    Cell(EVAL, f"{m}.natural_test.{g}.replay.hit_precision", ".3f"),
+                    Cell(EVAL, f"{m}.natural_test.{g}.average_precision", ".3f"),
+                )
+            )
+    header = (
+        "domain", "model", "threshold (val)", "test hit rate", "test hit precision", "test AP",
+        "natural hit rate", "natural hit precision", "natural AP",
+    )  # fmt: skip
+    title = "Headline: cache hit rate at the val-chosen operating point (generated test, natural test)"
+    return Table(title, header, tuple(rows))
+
+
+def deploy_table(params: Params) -> Table:
+    """The model ``deploy`` chose on val, at exactly its shipped thresholds."""
+    rows = []
+    for g in _groups(params):
+        base = "deploy" if g == "all" else f"deploy.per_domain.{g}"
         rows.append(
             (
-                d,
-                Cell(EVAL, f"baseline.{d}.margin", ".4f"),
-                Cell(EVAL, f"merged.{d}.margin", ".4f"),
-                Cell(EVAL, f"merged.{d}.margin_gain_pct", "+.1f"),
-                Cell(EVAL, f"merged.{d}.margin_gain_pct_ci_low", "+.1f"),
-                Cell(EVAL, f"merged.{d}.margin_gain_pct_ci_high", "+.1f"),
-                Cell(EVAL, f"baseline.{d}.triplet_accuracy", ".3f"),
-                Cell(EVAL, f"merged.{d}.triplet_accuracy", ".3f"),
-                Cell(EVAL, f"multi.{d}.margin_gain_pct", "+.1f"),
-                Cell(EVAL, f"multi.{d}.triplet_accuracy", ".3f"),
+                g,
+                Cell(EVAL, f"{base}.val.threshold", ".3f"),
+                *(
+                    Cell(EVAL, f"{base}.{s}.{k}", ".3f")
+                    for s in ("val", "test", "natural_test")
+                    for k in ("hit_rate", "hit_precision")
+                ),
             )
         )
     header = (
-        "domain", "baseline margin", "merged margin", "merged gain %", "CI low", "CI high",
-        "baseline acc", "merged acc", "multi gain %", "multi acc",
+        "thresholds", "threshold", "val hit rate", "val hit precision", "test hit rate", "test hit precision",
+        "natural hit rate", "natural hit precision",
     )  # fmt: skip
-    return Table("Headline: merged adapter against the baseline (test split)", header, tuple(rows))
+    return Table("Deploy: the model chosen on val, at its shipped thresholds", header, tuple(rows))
 
 
 def model_tables(params: Params) -> list[Table]:
-    """Every model on each domain's test split, thresholds chosen on val."""
-    from cachelora.evaluation import BASELINE
-    from cachelora.merging import MERGED
-
+    """Every model on each domain (and all): replay, ranking quality and the seeds' margin metrics."""
     header = (
-        "model", "margin", "gain %", "CI low", "CI high", "accuracy", "AP", "ROC AUC",
-        "threshold (val)", "precision", "recall", "F1", "false-hit rate",
+        "model", "test hit rate", "test hit precision", "test false-hit rate", "test AP", "test ROC AUC",
+        "test margin", "test gain %", "CI low", "CI high", "test accuracy",
+        "natural hit rate", "natural hit precision", "natural AP", "natural gain %", "natural accuracy",
     )  # fmt: skip
     tables = []
-    for d in params.domains:
+    for g in _groups(params):
         rows = []
-        for m in (BASELINE, *params.train_models, MERGED):
-            at = f"{m}.{d}.at_max_f1"
+        for m in _models(params):
+            t, n = f"{m}.test.{g}", f"{m}.natural_test.{g}"
             rows.append(
                 (
                     m,
-                    Cell(EVAL, f"{m}.{d}.margin", ".4f"),
-                    Cell(EVAL, f"{m}.{d}.margin_gain_pct", "+.1f"),
-                    Cell(EVAL, f"{m}.{d}.margin_gain_pct_ci_low", "+.1f"),
-                    Cell(EVAL, f"{m}.{d}.margin_gain_pct_ci_high", "+.1f"),
-                    Cell(EVAL, f"{m}.{d}.triplet_accuracy", ".3f"),
-                    Cell(EVAL, f"{m}.{d}.average_precision", ".3f"),
-                    Cell(EVAL, f"{m}.{d}.roc_auc", ".3f"),
-                    Cell(EVAL, f"{at}.threshold", ".3f"),
-                    Cell(EVAL, f"{at}.precision", ".3f"),
-                    Cell(EVAL, f"{at}.recall", ".3f"),
-                    Cell(EVAL, f"{at}.f1", ".3f"),
-                    Cell(EVAL, f"{at}.false_hit_rate", ".3f"),
+                    Cell(EVAL, f"{t}.replay.hit_rate", ".3f"),
+                    Cell(EVAL, f"{t}.replay.hit_precision", ".3f"),
+                    Cell(EVAL, f"{t}.replay.false_hit_rate", ".3f"),
+                    Cell(EVAL, f"{t}.average_precision", ".3f"),
+                    Cell(EVAL, f"{t}.roc_auc", ".3f"),
+                    Cell(EVAL, f"{t}.margin", ".4f"),
+                    Cell(EVAL, f"{t}.margin_gain_pct", "+.1f"),
+                    Cell(EVAL, f"{t}.margin_gain_pct_ci_low", "+.1f"),
+                    Cell(EVAL, f"{t}.margin_gain_pct_ci_high", "+.1f"),
+                    Cell(EVAL, f"{t}.triplet_accuracy", ".3f"),
+                    Cell(EVAL, f"{n}.replay.hit_rate", ".3f"),
+                    Cell(EVAL, f"{n}.replay.hit_precision", ".3f"),
+                    Cell(EVAL, f"{n}.average_precision", ".3f"),
+                    Cell(EVAL, f"{n}.margin_gain_pct", "+.1f"),
+                    Cell(EVAL, f"{n}.triplet_accuracy", ".3f"),
                 )
             )
-        tables.append(Table(f"{d} (test split)", header, tuple(rows)))
+        title = "all domains, one cache" if g == "all" else g
+        tables.append(Table(f"{title}: every model (generated test, natural test)", header, tuple(rows)))
     return tables
 
 
 def data_table(params: Params) -> Table:
-    """Rows through the quality gate and the split, per domain."""
+    """Rows through the quality gate and the split, per domain, and what the split checks found."""
     rows = []
     for d in params.domains:
         val, split = paths.stage_metrics("validate", d), paths.stage_metrics("split", d)
@@ -174,10 +231,14 @@ def data_table(params: Params) -> Table:
                 Cell(split, "rows.val", "d"),
                 Cell(split, "rows.test", "d"),
                 Cell(split, "dropped_overlap.train", "d"),
-                Cell(split, "leakage", "d"),
+                Cell(split, "unseen.cross_split_topics", "d"),
+                Cell(split, "unseen.cross_split_templates", "d"),
             )
         )
-    header = ("domain", "generated", "quarantined", "train", "val", "test", "dropped (overlap)", "leakage")
+    header = (
+        "domain", "generated", "quarantined", "train", "val", "test", "dropped (shared text)",
+        "topics across splits", "templates across splits",
+    )  # fmt: skip
     return Table("Data: quality gate and split", header, tuple(rows))
 
 
@@ -193,7 +254,13 @@ def training_table(params: Params) -> Table:
 
 
 def all_tables(params: Params) -> list[Table]:
-    return [headline_table(params), *model_tables(params), data_table(params), training_table(params)]
+    return [
+        headline_table(params),
+        deploy_table(params),
+        *model_tables(params),
+        data_table(params),
+        training_table(params),
+    ]
 
 
 # --- rendering -----------------------------------------------------------------------------------
@@ -208,7 +275,6 @@ def _markdown(table: Table, cache: dict[Path, Any], locked: dict[str, str]) -> l
 
 def render_results(params: Params) -> str:
     """RESULTS.md: provenance header, then every table with its sources and their locked md5."""
-    from cachelora.merging import MERGED
 
     locked = locked_outputs()
     cache: dict[Path, Any] = {}
@@ -224,11 +290,17 @@ def render_results(params: Params) -> str:
         "|---|---|",
         f"| base model | `{base['name']}` sha256 `{base['sha256']}` |",
         f"| params.yaml | sha256 `{params_digest()}` (parsed, canonical JSON) |",
-        f"| generated at git commit | `{git_commit()}` |",
+        f"| inputs (code, params, seeds, natural sets) at git commit | `{git_commit(paths.PIPELINE_INPUTS)}` |",
         *[f"| `models/{m}` | md5 `{locked.get(f'models/{m}', 'not in dvc.lock')}` (dvc.lock) |" for m in models],
         "",
-        "Thresholds are chosen on each domain's val split (max F1) and reported on its test split.",
-        "Gain % is the margin gain over the baseline with a paired-bootstrap 95 % CI.",
+        "**Cache replay** (DESIGN.md): the cache holds every positive and negative of a set; each anchor",
+        "looks up its nearest entry and hits when the cosine reaches the threshold; a hit is correct when",
+        "the entry asks the anchor's question. Each model's threshold is its **operating point**: the lowest",
+        f"val threshold whose val hit precision reaches {read_json(EVAL)['target_precision']} (per domain; one",
+        'global threshold for the cross-domain cache "all"). It is chosen on the generated val split and',
+        "reported on the generated test split and on the hand-written natural test set (`data/natural/test.jsonl`).",
+        "Test topics and phrasings are unseen by every model (DESIGN.md, Splits). AP is threshold-free.",
+        "Gain % is the seeds' margin gain over the baseline, with a paired-bootstrap 95 % CI over whole topics.",
         "",
     ]
     for table in all_tables(params):
@@ -330,7 +402,7 @@ def check_safetensors(path: Path) -> str | None:
 
 
 def check_results(params: Params, path: Path) -> Iterator[str]:
-    """Every table cell in ``path`` equals the metric it cites."""
+    """Every table row in ``path`` has exactly its cited cells, each equal to the metric it cites."""
     lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else None
     if lines is None:
         yield f"{path}: missing (run `dvc repro report`)"
@@ -343,32 +415,51 @@ def check_results(params: Params, path: Path) -> Iterator[str]:
         except ValueError:
             yield f"{path}: table '{table.title}' missing"
             continue
-        for spec, expected in zip(table.rows, table.render_rows(cache), strict=True):
-            label = expected[0]
-            found = next((i for i in range(start, len(lines)) if lines[i].startswith(f"| {label} |")), None)
+        try:
+            rendered = table.render_rows(cache)
+        except CacheloraError as exc:
+            yield f"{path}: table '{table.title}': {exc}"
+            continue
+        for spec, expected in zip(table.rows, rendered, strict=True):
+            labels = [c for c in spec if isinstance(c, str)]
+            prefix = "| " + " | ".join(labels) + " |"
+            found = next((i for i in range(start, len(lines)) if lines[i].startswith(prefix)), None)
             if found is None:
-                yield f"{path}: table '{table.title}' has no row '{label}'"
+                yield f"{path}: table '{table.title}' has no row '{' / '.join(labels)}'"
                 continue
-            actual = [c.strip() for c in lines[found].strip().strip("|").split("|")]
-            for cell, want, got in zip(spec[1:], expected[1:], actual[1:], strict=False):
-                if want != got:
+            actual = [c.strip() for c in lines[found].strip().removeprefix("|").removesuffix("|").split("|")]
+            if len(actual) != len(expected):
+                label = " / ".join(labels)
+                yield f"{path}:{found + 1}: row '{label}' has {len(actual)} cells, expected {len(expected)}"
+                continue
+            for cell, want, got in zip(spec, expected, actual, strict=True):
+                if isinstance(cell, Cell) and want != got:
                     yield f"{path}:{found + 1}: {cell.key} is {got} here, {want} in {cell.source}"
 
 
 def check_recompute(params: Params, tolerance: float = RECOMPUTE_TOLERANCE) -> Iterator[str]:
-    """Re-evaluate the locked adapters on the locked test splits; compare with eval.json."""
+    """Re-evaluate the locked adapters on the locked sets; compare with eval.json key by key, both ways."""
+    import math
+
     from cachelora.evaluation import pipeline_metrics
 
     fresh, _ = pipeline_metrics(params)
-    stored = read_json(EVAL)
-    for key, value in _leaves(fresh):
-        try:
-            old = lookup(stored, key, EVAL)
-        except CacheloraError as exc:
-            yield str(exc)
+    stored, again = dict(_leaves(read_json(EVAL))), dict(_leaves(fresh))
+    for key in sorted(stored.keys() - again.keys()):
+        yield f"{EVAL}: {key} is not produced by re-evaluation"
+    for key in sorted(again.keys() - stored.keys()):
+        yield f"{EVAL}: {key} missing (re-evaluation produces it)"
+    for key in sorted(stored.keys() & again.keys()):
+        old, value = stored[key], again[key]
+        if not isinstance(value, float | int) or isinstance(value, bool):
+            if old != value:
+                yield f"{EVAL}: {key} is {old!r}, re-evaluation gives {value!r}"
             continue
-        allowed = tolerance * 100 if key.endswith(("_pct", "_pct_ci_low", "_pct_ci_high")) else tolerance
-        if isinstance(value, float | int) and abs(float(old) - float(value)) > allowed:
+        if not isinstance(old, float | int) or math.isnan(float(old)) or math.isnan(float(value)):
+            yield f"{EVAL}: {key} is {old}, re-evaluation gives {value} (NaN or not a number)"
+            continue
+        allowed = tolerance * 100 if "_pct" in key else tolerance
+        if abs(float(old) - float(value)) > allowed:
             yield f"{EVAL}: {key} is {old}, re-evaluation gives {value} (tolerance {allowed:g})"
 
 
@@ -380,36 +471,112 @@ def _leaves(data: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]
             yield f"{prefix}{key}", value
 
 
-def verify(params: Params, pull: bool = False, recompute: bool = False) -> tuple[list[str], int]:
-    """Run every check; returns the failures (one line each) and how many checks ran."""
-    from cachelora.adapters import load_adapter_model
-    from cachelora.merging import MERGED
+def check_status() -> Iterator[str]:
+    """Every stage as ``dvc status`` sees it, through DVC's own API: changed deps, params, outs or
+    command. Outputs that match the lock but are absent from the local DVC cache are not failures."""
+    from dvc.repo import Repo
 
+    with Repo(".") as repo:
+        status = repo.status()
+    for stage, changes in status.items():
+        for change in changes:
+            if isinstance(change, str):
+                yield f"{LOCK}: stage '{stage}': {change}"
+                continue
+            for kind, items in change.items():
+                if not isinstance(items, dict):
+                    yield f"{LOCK}: stage '{stage}': {kind} {items}"
+                    continue
+                for path, what in items.items():
+                    if what == "not in cache":
+                        continue
+                    detail = ", ".join(f"{k} {v}" for k, v in what.items()) if isinstance(what, dict) else what
+                    yield f"{LOCK}: stage '{stage}': {kind.removeprefix('changed ')} {path}: {detail} (`dvc status`)"
+
+
+HEADER = {
+    "base": re.compile(r"^\| base model \| `(?P<name>[^`]+)` sha256 `(?P<sha>[0-9a-f]+)` \|$"),
+    "params": re.compile(r"^\| params\.yaml \| sha256 `(?P<digest>[0-9a-f]+)`"),
+    "commit": re.compile(r"^\| inputs .* at git commit \| `(?P<commit>[^`]+)` \|$"),
+    "model": re.compile(r"^\| `models/(?P<name>[^`]+)` \| md5 `(?P<md5>[^`]+)` \(dvc\.lock\) \|$"),
+}
+SOURCE = re.compile(r"`(?P<path>[^`]+)` \(md5 `(?P<md5>[^`]+)`\)")
+
+
+def check_header(params: Params, path: Path = RESULTS) -> Iterator[str]:
+    """RESULTS.md's provenance header and every "Source … md5" citation, against what is here now."""
+    from cachelora.base_model import weights_sha256
+
+    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+    found = {kind: [(i + 1, m) for i, line in enumerate(lines) if (m := rx.match(line))] for kind, rx in HEADER.items()}
+    for kind in ("base", "params", "commit"):
+        if len(found[kind]) != 1:
+            yield f"{path}: header line '{kind}' missing or repeated"
+    locked = locked_outputs()
+    for lineno, m in found["base"]:
+        if m["name"] != params.base_model or m["sha"] != weights_sha256(params.base_model):
+            yield f"{path}:{lineno}: base model {m['name']} {m['sha'][:12]}… is not the installed '{params.base_model}'"
+    for lineno, m in found["params"]:
+        if m["digest"] != params_digest():
+            now = params_digest()
+            yield f"{path}:{lineno}: params digest {m['digest'][:12]}… differs from params.yaml now ({now[:12]}…)"
+    for _, m in found["commit"]:
+        yield from check_commit(m["commit"], paths.PIPELINE_INPUTS, path)
+    models = {m["name"] for _, m in found["model"]}
+    for name in sorted({*params.train_models, MERGED} - models):
+        yield f"{path}: header names no md5 for models/{name}"
+    cited = [(i + 1, m) for i, line in enumerate(lines) if line.startswith("Source: ") for m in SOURCE.finditer(line)]
+    for lineno, m in [*((n, m) for n, m in found["model"]), *cited]:
+        source = m["path"] if "path" in m.groupdict() else f"models/{m['name']}"
+        if m["md5"] != locked.get(source, "not in dvc.lock"):
+            yield f"{path}:{lineno}: {source} md5 {m['md5']} differs from dvc.lock {locked.get(source)}"
+        elif Path(source).is_file() and file_md5(Path(source)) != m["md5"]:
+            yield f"{path}:{lineno}: {source} md5 {file_md5(Path(source))} differs from the cited {m['md5']}"
+
+
+def check_models(params: Params) -> Iterator[str]:
+    """Every model directory is there and whole; every adapter file's framing; every adapter loads."""
+    from cachelora.adapters import CONFIG, INFO, WEIGHTS, load_adapter_model
+
+    for name in (*params.train_models, MERGED):
+        adapter = paths.model_dir(name)
+        if not adapter.is_dir():
+            yield f"{adapter}: model directory missing (run `dvc pull` or `dvc repro`)"
+            continue
+        missing = [f for f in (WEIGHTS, CONFIG, INFO) if not (adapter / f).is_file()]
+        if missing:
+            yield f"{adapter}: partial model directory, missing {', '.join(missing)}"
+            continue
+        if problem := check_safetensors(adapter / WEIGHTS):
+            yield problem
+            continue
+        try:
+            load_adapter_model(adapter)
+        except CacheloraError as exc:
+            yield str(exc)
+
+
+def verify(params: Params, pull: bool = False, recompute: bool = False) -> tuple[list[str], int]:
+    """Run every check, each to the end; returns the failures (one line each) and how many checks ran."""
     if pull:
         proc = subprocess.run(["dvc", "pull"], capture_output=True, text=True)
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()
             return [f"dvc pull failed: {tail[-1] if tail else proc.returncode}"], 1
-    failures = list(check_lock())
-    checks = len(locked_outputs())
-    for name in (*params.train_models, MERGED):
-        adapter = paths.model_dir(name)
-        weights = adapter / "adapter_model.safetensors"
-        checks += 2
-        if not weights.is_file():
-            failures.append(f"{weights}: missing")
-            continue
-        if problem := check_safetensors(weights):
-            failures.append(problem)
-            continue
-        try:
-            load_adapter_model(adapter)
-        except CacheloraError as exc:
-            failures.append(str(exc))
-    for target in (RESULTS, README):
-        failures += check_results(params, target)
-        checks += 1
+    checks: list[Callable[[], Iterator[str]]] = [
+        check_lock,
+        check_status,
+        partial(check_models, params),
+        partial(check_header, params),
+        partial(check_results, params, RESULTS),
+        partial(check_results, params, README),
+    ]
     if recompute:
-        failures += check_recompute(params)
-        checks += 1
-    return failures, checks
+        checks.append(partial(check_recompute, params))
+    failures: list[str] = []
+    for check in checks:
+        try:
+            failures += check()
+        except CacheloraError as exc:  # a check that cannot go on names why; the others still run
+            failures.append(str(exc))
+    return failures, len(checks)
