@@ -26,7 +26,7 @@ def at_repo_root() -> None:
 def triplet_rows(params: Any, domain: str, count: int, splits: tuple[str, ...] = ("train",)) -> tuple[list, str]:
     """``count`` rows from the project's splits of ``domain`` (0 = all), else generated offline."""
     from cachelora import paths
-    from cachelora.records import read_triplets
+    from cachelora.triplets import read_triplets
 
     files = [paths.split_file(domain, s) for s in splits]
     if all(f.is_file() for f in files):

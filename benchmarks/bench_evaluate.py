@@ -36,7 +36,7 @@ def main() -> None:
     from cachelora.base_model import pick_device
     from cachelora.evaluation import BASELINE, model_loaders, score_models
     from cachelora.params import load_params
-    from cachelora.records import TEXT_FIELDS
+    from cachelora.triplets import TEXT_FIELDS
 
     params = load_params()
     rounds = opts.rounds or (2 if opts.quick else 5)

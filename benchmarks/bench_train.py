@@ -84,8 +84,9 @@ def main() -> None:
 
     from cachelora.base_model import load_base, pick_device, weights_sha256
     from cachelora.params import load_params
-    from cachelora.records import TEXT_FIELDS, write_jsonl
+    from cachelora.records import write_jsonl
     from cachelora.training import make_batches
+    from cachelora.triplets import TEXT_FIELDS
 
     params = load_params()
     quick = {"triplets": 16, "rounds": 2, "batch_size": 8} if opts.quick else {"triplets": 256, "rounds": 3}

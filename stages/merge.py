@@ -7,7 +7,7 @@ from cachelora.adapters import save_adapter
 from cachelora.entrypoint import user_errors
 from cachelora.merging import merge_adapters
 from cachelora.params import MERGED, load_params
-from cachelora.records import read_triplets
+from cachelora.triplets import read_triplets
 
 
 @click.command()

@@ -6,8 +6,9 @@ from cachelora import paths
 from cachelora.entrypoint import user_errors
 from cachelora.lexicon import load_lexicons
 from cachelora.params import load_params
-from cachelora.records import atomic_dir, read_triplets, write_json, write_jsonl
+from cachelora.records import atomic_dir, write_json, write_jsonl
 from cachelora.splitting import SplitPlan, check_unseen, split_rows, unseen_check
+from cachelora.triplets import read_triplets
 
 
 @click.command()

@@ -2,7 +2,8 @@ from collections import Counter
 
 from cachelora.generation import OfflineGenerator, generate_domain
 from cachelora.lexicon import load_lexicon
-from cachelora.records import normalise, read_jsonl
+from cachelora.records import read_jsonl
+from cachelora.triplets import normalise
 from tests.conftest import tiny_params
 
 

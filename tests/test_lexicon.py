@@ -2,8 +2,7 @@ import pytest
 import yaml
 
 from cachelora.errors import CacheloraError
-from cachelora.generation import render
-from cachelora.lexicon import BAD_RENDER_RE, load_lexicon, render_flaw
+from cachelora.lexicon import BAD_RENDER_RE, load_lexicon, render, render_flaw
 from cachelora.params import load_params
 from tests.conftest import TINY_LEXICON
 

@@ -17,10 +17,11 @@ import yaml
 
 from cachelora import llm_generation as llm
 from cachelora.errors import CacheloraError
-from cachelora.generation import concept_id, generate_domain
+from cachelora.generation import generate_domain
 from cachelora.lexicon import Lexicon, load_lexicon
 from cachelora.params import Params
-from cachelora.records import normalise, read_jsonl, stable_id
+from cachelora.records import read_jsonl
+from cachelora.triplets import concept_id, normalise, stable_id
 
 REPO = Path(__file__).resolve().parents[1]
 DOMAINS = ("medical", "law", "programming", "psychology")
@@ -125,6 +126,8 @@ def make_handler(fake: FakeLLM) -> type[BaseHTTPRequestHandler]:
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
+                if status >= 400:  # the SDK honours it instead of its own backoff (0.5 s, doubling)
+                    self.send_header("Retry-After-Ms", "10")
                 self.end_headers()
                 self.wfile.write(data)
             except (BrokenPipeError, ConnectionResetError):  # the client timed out and left
@@ -155,7 +158,6 @@ def lexicon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Lexicon:
     (tmp_path / "data/prompts/v1/medical.yaml").write_text(yaml.safe_dump(PROMPTS), encoding="utf-8")
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv(KEY_ENV, raising=False)
-    monkeypatch.setattr(llm, "BACKOFF_BASE", 0.01)
     return load_lexicon("medical", tmp_path / "data/seed")
 
 

@@ -12,24 +12,14 @@ from cachelora.errors import CacheloraError
 from cachelora.records import (
     atomic_dir,
     atomic_path,
-    normalise,
     read_jsonl,
-    read_triplets,
+    read_yaml,
     remove_stale_temps,
-    stable_id,
     write_json,
     write_jsonl,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def test_normalise_folds_case_punctuation_and_space():
-    assert normalise("  What IS   high-blood pressure?? ") == "what is high blood pressure"
-
-
-def test_stable_id_depends_only_on_parts():
-    assert stable_id("a", "b") == stable_id("a", "b") != stable_id("ab", "")
 
 
 def test_write_then_read_round_trip(tmp_path):
@@ -45,16 +35,27 @@ def test_malformed_line_names_file_and_line(tmp_path):
         read_jsonl(path)
 
 
-def test_missing_field_names_row_and_key(tmp_path):
-    path = tmp_path / "t.jsonl"
-    path.write_text(
-        json.dumps({"anchor": "a", "positive": "p", "negative": "n"})
-        + "\n"
-        + json.dumps({"anchor": "a", "positive": "p"})
-        + "\n"
-    )
-    with pytest.raises(CacheloraError, match=r"t.jsonl: row 2: missing field 'negative'"):
-        read_triplets(path)
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (None, r"p.yaml: prompt file not found$"),
+        ("a: [1,\n", r"p.yaml: malformed YAML \(while parsing .*\)$"),
+        ("- a\n- b\n", r"p.yaml: expected a mapping with keys system, user$"),
+        ("", r"p.yaml: expected a mapping with keys system, user$"),
+    ],
+)
+def test_yaml_problems_are_one_line_errors_naming_the_file(tmp_path, text, message):
+    path = tmp_path / "p.yaml"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(CacheloraError, match=message) as err:
+        read_yaml(path, keys=("system", "user"), missing="prompt file not found")
+    assert "\n" not in str(err.value)
+
+
+def test_yaml_mapping_is_returned(tmp_path):
+    (tmp_path / "p.yaml").write_text("system: s\nuser: u\n")
+    assert read_yaml(tmp_path / "p.yaml") == {"system": "s", "user": "u"}
 
 
 def test_failed_write_leaves_no_file(tmp_path):

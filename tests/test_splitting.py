@@ -3,7 +3,6 @@ import pytest
 from cachelora.errors import CacheloraError
 from cachelora.generation import generate_offline
 from cachelora.lexicon import Lexicon
-from cachelora.records import normalise
 from cachelora.splitting import (
     SplitPlan,
     assign_topics,
@@ -14,6 +13,7 @@ from cachelora.splitting import (
     topic_groups,
     unseen_check,
 )
+from cachelora.triplets import normalise
 from tests.conftest import TINY_LEXICON, tiny_params
 
 SPLIT = tiny_params().split

@@ -19,8 +19,9 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 from cachelora import paths
 from cachelora.errors import CacheloraError
 from cachelora.params import BASELINE, MERGED, MULTI, Params
-from cachelora.records import TEXT_FIELDS, normalise, read_triplets, write_json
+from cachelora.records import write_json
 from cachelora.replay import GRID, Replay
+from cachelora.triplets import TEXT_FIELDS, normalise, read_triplets
 
 ALL = "all"
 MACRO_KEYS = ("margin", "margin_gain_pct", "triplet_accuracy", "average_precision")

@@ -9,46 +9,15 @@ from typing import Any
 
 from tqdm import tqdm
 
-from cachelora.lexicon import Lexicon, Topic, load_lexicons
+from cachelora.lexicon import Lexicon, Topic, load_lexicons, render
 from cachelora.params import Params, SplitParams
-from cachelora.records import normalise, stable_id, write_jsonl
+from cachelora.records import write_jsonl
 from cachelora.splitting import SplitPlan
+from cachelora.triplets import concept_id, make_record, normalise
 
 log = logging.getLogger(__name__)
 
 MAX_TRIES = 50
-
-
-def make_record(
-    domain: str,
-    anchor: str,
-    positive: str,
-    negative: str,
-    source_id: str,
-    generator: dict[str, Any],
-    **provenance: Any,
-) -> dict[str, Any]:
-    """A triplet record as DESIGN.md describes it; ``id`` is a hash of its texts."""
-    return {
-        "id": stable_id(domain, anchor, positive, negative),
-        "domain": domain,
-        "anchor": anchor,
-        "positive": positive,
-        "negative": negative,
-        "source_id": source_id,
-        "generator": generator,
-        **provenance,
-    }
-
-
-def concept_id(domain: str, topic: str, aspect: str) -> str:
-    """The id of an original query in the offline backend: one (topic, aspect) question."""
-    return stable_id(domain, topic, aspect)
-
-
-def render(template: str, surface: str) -> str:
-    """Fill a template's ``{topic}`` with a topic name or alias."""
-    return template.replace("{topic}", surface)
 
 
 class OfflineGenerator:

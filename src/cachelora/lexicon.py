@@ -6,12 +6,12 @@ import re
 from pathlib import Path
 from typing import Annotated
 
-import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cachelora.errors import CacheloraError, from_validation
+from cachelora.paths import SEED_DIR
+from cachelora.records import read_yaml
 
-SEED_DIR = Path("data/seed")
 PLACEHOLDER = "{topic}"
 # The one placeholder pattern: a ``{name}`` slot (``{topic}``, ``{ }``) or a lone brace. A template holds
 # exactly one match, ``{topic}``; a rendered text holds none (the quality gate's ``bad_render`` check).
@@ -24,6 +24,11 @@ RENDER_FLAWS = {
     "a space before '?'": r"\s\?",
 }
 BAD_RENDER_RE = re.compile("|".join(RENDER_FLAWS.values()))
+
+
+def render(template: str, surface: str) -> str:
+    """Fill a template's ``{topic}`` with a topic name or alias."""
+    return template.replace(PLACEHOLDER, surface)
 
 
 def render_flaw(text: str) -> str | None:
@@ -49,7 +54,7 @@ def _check_template(template: str) -> str:
         raise ValueError("must not be empty or blank")
     if PLACEHOLDER_RE.findall(template) != [PLACEHOLDER]:
         raise ValueError(f"must contain {PLACEHOLDER} exactly once and no other braces: {template!r}")
-    if flaw := render_flaw(template.replace(PLACEHOLDER, "x")):
+    if flaw := render_flaw(render(template, "x")):
         raise ValueError(f"must not contain {flaw}: {template!r}")
     return template
 
@@ -114,14 +119,7 @@ class Lexicon(BaseModel):
 def load_lexicon(domain: str, seed_dir: str | Path = SEED_DIR) -> Lexicon:
     """Load and check one domain's lexicon; errors name the file and key."""
     path = Path(seed_dir) / f"{domain}.yaml"
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CacheloraError(f"{path}: lexicon not found for domain '{domain}'") from None
-    except yaml.YAMLError as exc:
-        raise CacheloraError(f"{path}: malformed YAML ({exc})".replace("\n", " ")) from None
-    if not isinstance(raw, dict):
-        raise CacheloraError(f"{path}: expected a mapping with keys domain, topics, aspects")
+    raw = read_yaml(path, keys=Lexicon.model_fields, missing=f"lexicon not found for domain '{domain}'")
     try:
         lexicon = Lexicon.model_validate(raw)
     except ValidationError as exc:

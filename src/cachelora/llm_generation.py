@@ -15,7 +15,6 @@ import os
 import random
 import re
 import threading
-import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -23,15 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import openai
-import yaml
 from openai.types.chat import ChatCompletion
 from tqdm import tqdm
 
 from cachelora.errors import CacheloraError
-from cachelora.generation import concept_id, make_record, render
-from cachelora.lexicon import Lexicon
+from cachelora.lexicon import PLACEHOLDER_RE, Lexicon, render
 from cachelora.params import OpenAIParams, Params
-from cachelora.records import normalise, read_json, stable_id, write_json
+from cachelora.records import read_json, read_yaml, write_json
+from cachelora.triplets import concept_id, make_record, normalise, stable_id
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +38,10 @@ PROMPT_KEYS = ("system", "paraphrase", "negative")
 REPLY_KEYS = {"paraphrase": "paraphrases", "negative": "negatives"}
 CANDIDATES = 5  # candidates asked for per request: ``{n}`` in the prompts
 NEAR_DUPLICATE = 0.9  # SequenceMatcher ratio at which a negative counts as a copy of the original
-RETRY_STATUS = frozenset({408, 409, 429})
-BACKOFF_BASE = 1.0  # seconds before the first retry; doubles with each attempt
-BACKOFF_MAX = 30.0
 QUERY_FILE_LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 PLACEHOLDERS = (
-    re.compile(r"\{[^{}]*\}|[{}]|\.\.\.|…|\bTODO\b|\bTBD\b"),
+    PLACEHOLDER_RE,
+    re.compile(r"\.\.\.|…|\bTODO\b|\bTBD\b"),
     re.compile(r"<[^<>]*(?:paraphrase|negative|question|query|topic|insert|here)[^<>]*>|lorem ipsum", re.IGNORECASE),
 )
 
@@ -126,14 +122,8 @@ def originals_from_file(path: str | Path, domain: str) -> list[Original]:
 def load_prompts(version: str, domain: str, prompt_dir: str | Path = PROMPT_DIR) -> dict[str, str]:
     """The ``system``, ``paraphrase`` and ``negative`` prompts of ``<prompt_dir>/<version>/<domain>.yaml``."""
     path = Path(prompt_dir) / version / f"{domain}.yaml"
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CacheloraError(f"{path}: prompt file not found for domain '{domain}' (version '{version}')") from None
-    except yaml.YAMLError as exc:
-        raise CacheloraError(f"{path}: malformed YAML ({exc})".replace("\n", " ")) from None
-    if not isinstance(raw, dict):
-        raise CacheloraError(f"{path}: expected a mapping with keys {', '.join(PROMPT_KEYS)}")
+    missing = f"prompt file not found for domain '{domain}' (version '{version}')"
+    raw = read_yaml(path, keys=PROMPT_KEYS, missing=missing)
     for key in PROMPT_KEYS:
         if not isinstance(raw.get(key), str) or not raw[key].strip():
             raise CacheloraError(f"{path}: {key}: missing or not a non-empty string")
@@ -236,7 +226,7 @@ def filter_candidates(
 
 
 class ChatClient:
-    """Chat completions with a disk cache and retries; safe to share between threads."""
+    """Chat completions with a disk cache; the SDK retries failed requests. Safe to share between threads."""
 
     def __init__(self, cfg: OpenAIParams, seed: int) -> None:
         self.cfg = cfg
@@ -246,14 +236,14 @@ class ChatClient:
             base_url=cfg.base_url,
             api_key=os.environ.get(cfg.api_key_env) or "EMPTY",
             timeout=cfg.timeout,
-            max_retries=0,
+            max_retries=cfg.retries,
         )
         self.stats: Counter[str] = Counter()
         self._lock = threading.Lock()
 
-    def _count(self, what: str) -> None:
+    def _count(self, what: str, n: int = 1) -> None:
         with self._lock:
-            self.stats[what] += 1
+            self.stats[what] += n
 
     def cache_path(self, request: dict[str, Any]) -> Path:
         """Where a request's reply is cached: a hash of the whole request (not of the server URL)."""
@@ -263,9 +253,10 @@ class ChatClient:
     def ask(self, messages: list[dict[str, str]], key: str) -> list[str]:
         """The strings under ``key`` in the reply to ``messages``, from the cache or the server.
 
-        Timeouts, connection errors, HTTP 408/409/429/5xx and unparseable replies are retried
-        ``retries`` times with seeded, jittered exponential backoff; a retry sends ``seed + attempt``
-        so that a server honouring the seed does not repeat a bad reply. Other HTTP errors fail at once.
+        The SDK retries timeouts, connection errors and HTTP 408/409/429/5xx ``retries`` times, with
+        its exponential backoff (or the server's Retry-After); other HTTP errors fail at once. An
+        unparseable reply is asked again up to ``retries`` times with ``seed + attempt``, so that a
+        server honouring the seed does not repeat it.
         """
         cfg = self.cfg
         request = {"model": cfg.model, "messages": messages, "temperature": cfg.temperature, "seed": self.seed}
@@ -278,36 +269,42 @@ class ChatClient:
             else:
                 self._count("cached")
                 return items
-        rng = random.Random(f"{self.seed}:{path.stem}")
         problem = ""
         for attempt in range(cfg.retries + 1):
             if attempt:
-                delay = min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (attempt - 1)) * rng.uniform(0.5, 1.5)
-                log.warning("%s: %s; retry %d/%d in %.1fs", self.url, problem, attempt, cfg.retries, delay)
-                time.sleep(delay)
+                log.warning("%s: %s; asking again (%d/%d)", self.url, problem, attempt, cfg.retries)
             sent = {**request, "seed": self.seed + attempt}
-            self._count("sent")
             try:
-                completion = self.client.chat.completions.create(**sent)
+                raw = self.client.chat.completions.with_raw_response.create(**sent)
+                self._count("sent", 1 + raw.retries_taken)
+                completion = raw.parse()
                 if not isinstance(completion, ChatCompletion):  # the SDK passes non-object bodies through
                     raise UnparseableReply("response body is not a chat completion")
                 response = completion.model_dump(mode="json", exclude_unset=True)
                 items = extract_strings(reply_text(response), key)
-            except openai.APIStatusError as exc:
-                if exc.status_code not in RETRY_STATUS and exc.status_code < 500:
-                    hint = f"; is ${cfg.api_key_env} set?" if exc.status_code in (401, 403) else ""
-                    raise CacheloraError(f"{self.url}: HTTP {exc.status_code} ({_short(exc.message)}){hint}") from None
-                problem = f"HTTP {exc.status_code}"
-            except openai.APITimeoutError:
-                problem = f"timed out after {cfg.timeout:g}s"
-            except openai.APIConnectionError as exc:
-                problem = f"connection failed ({_short(str(exc.__cause__ or exc))})"
+            except (openai.APIStatusError, openai.APIConnectionError) as exc:
+                raise self._failed(exc) from None
             except (UnparseableReply, json.JSONDecodeError) as exc:
                 problem = f"unparseable reply ({exc})"
             else:
                 write_json(path, {"request": sent, "response": response})
                 return items
         raise CacheloraError(f"{self.url}: no usable reply after {cfg.retries + 1} attempts (last: {problem})")
+
+    def _failed(self, exc: openai.APIStatusError | openai.APIConnectionError) -> CacheloraError:
+        """The error for a request the SDK gave up on: at once (an HTTP error it does not retry) or after retries."""
+        # The SDK numbers its retries in a request header; the last request's number tells how many it sent.
+        attempts = 1 + int(exc.request.headers.get("x-stainless-retry-count", "0"))
+        if isinstance(exc, openai.APIStatusError):
+            if attempts == 1:
+                hint = f"; is ${self.cfg.api_key_env} set?" if exc.status_code in (401, 403) else ""
+                return CacheloraError(f"{self.url}: HTTP {exc.status_code} ({_short(exc.message)}){hint}")
+            problem = f"HTTP {exc.status_code}"
+        elif isinstance(exc, openai.APITimeoutError):
+            problem = f"timed out after {self.cfg.timeout:g}s"
+        else:
+            problem = f"connection failed ({_short(str(exc.__cause__ or exc))})"
+        return CacheloraError(f"{self.url}: no usable reply after {attempts} attempts (last: {problem})")
 
 
 def _short(text: str, limit: int = 200) -> str:

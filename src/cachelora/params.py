@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cachelora.errors import CacheloraError, from_validation
+from cachelora.records import read_yaml
 
 PARAMS_FILE = Path("params.yaml")
 BASELINE = "baseline"  # the base model with no adapter
@@ -157,14 +157,7 @@ class Params(_Strict):
 
 def load_params(path: str | Path = PARAMS_FILE) -> Params:
     """Load and check ``params.yaml``; the first problem is reported as ``file: key: message``."""
-    path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise CacheloraError(f"{path}: file not found") from None
-    except yaml.YAMLError as exc:
-        raise CacheloraError(f"{path}: malformed YAML ({exc})".replace("\n", " ")) from None
-    try:
-        return Params.model_validate(raw)
+        return Params.model_validate(read_yaml(path))
     except ValidationError as exc:
         raise from_validation(path, exc) from None

@@ -12,7 +12,7 @@ import pandas as pd
 from cachelora.errors import CacheloraError
 from cachelora.lexicon import BAD_RENDER_RE
 from cachelora.params import ValidateParams
-from cachelora.records import TEXT_FIELDS, normalise
+from cachelora.triplets import TEXT_FIELDS, normalise
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer

@@ -1,4 +1,4 @@
-"""Triplet records and the files that hold them: JSONL/JSON read and atomic write."""
+"""Files, written atomically (temp file + rename) and read with one-line errors: JSON, JSONL, YAML, hashes."""
 
 from __future__ import annotations
 
@@ -15,23 +15,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from cachelora.errors import CacheloraError
 
 log = logging.getLogger(__name__)
 
-TEXT_FIELDS = ("anchor", "positive", "negative")
 _UMASK = os.umask(0)
 os.umask(_UMASK)
-
-
-def normalise(text: str) -> str:
-    """Text as compared for duplicates and leakage: lower case, punctuation and spacing folded."""
-    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
-
-
-def stable_id(*parts: str, length: int = 16) -> str:
-    """A short hash that depends only on ``parts`` (not on run or platform)."""
-    return hashlib.sha256("\x1f".join(parts).encode("utf-8")).hexdigest()[:length]
 
 
 def _temp_prefix(path: Path) -> str:
@@ -137,6 +128,21 @@ def read_json(path: str | Path) -> Any:
         raise CacheloraError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
 
 
+def read_yaml(path: str | Path, *, keys: Iterable[str] = (), missing: str = "file not found") -> dict[str, Any]:
+    """Read a YAML mapping; a missing file (``missing`` says what), malformed YAML or anything but a
+    mapping is a one-line error naming the file (``keys``, the expected ones, name the mapping)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CacheloraError(f"{path}: {missing}") from None
+    except yaml.YAMLError as exc:
+        raise CacheloraError(f"{path}: malformed YAML ({exc})".replace("\n", " ")) from None
+    if not isinstance(raw, dict):
+        raise CacheloraError(f"{path}: expected a mapping" + (f" with keys {', '.join(keys)}" if keys else ""))
+    return raw
+
+
 def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
     """Write one JSON object a line, atomically; return the number of rows."""
     count = 0
@@ -168,19 +174,6 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
             if not isinstance(row, dict):
                 raise CacheloraError(f"{path}:{lineno}: expected a JSON object")
             rows.append(row)
-    return rows
-
-
-def read_triplets(path: str | Path, required: Iterable[str] = TEXT_FIELDS) -> list[dict[str, Any]]:
-    """Read triplet JSONL, checking that every row has non-empty string ``required`` fields."""
-    rows = read_jsonl(path)
-    lineno = 0
-    for lineno, row in enumerate(rows, 1):
-        for key in required:
-            value = row.get(key)
-            if not isinstance(value, str) or not value.strip():
-                problem = "missing field" if key not in row else "empty or non-string field"
-                raise CacheloraError(f"{path}: row {lineno}: {problem} '{key}'")
     return rows
 
 

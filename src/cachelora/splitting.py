@@ -20,7 +20,7 @@ from typing import Any
 from cachelora.errors import CacheloraError
 from cachelora.lexicon import Lexicon
 from cachelora.params import SplitParams
-from cachelora.records import TEXT_FIELDS, normalise
+from cachelora.triplets import TEXT_FIELDS, normalise
 
 log = logging.getLogger(__name__)
 

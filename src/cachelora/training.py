@@ -26,7 +26,8 @@ from cachelora.adapters import add_lora
 from cachelora.base_model import load_base, pick_device, weights_sha256
 from cachelora.errors import CacheloraError
 from cachelora.params import MULTI, Params
-from cachelora.records import TEXT_FIELDS, file_md5, normalise, read_triplets
+from cachelora.records import file_md5
+from cachelora.triplets import TEXT_FIELDS, normalise, read_triplets
 
 log = logging.getLogger(__name__)
 
