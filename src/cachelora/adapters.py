@@ -20,6 +20,9 @@ WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
 INFO = "training_info.json"
 RELOAD_TOLERANCE = 1e-5
+# How check_base words a refusal: fields adapter, info (its training_info.json), trained and trained_sha (the
+# base it names), base and sha (the installed base asked for).
+WRONG_BASE = "{info}: base_model.sha256: adapter was trained on {trained_sha:.12}…, installed '{base}' is {sha:.12}…"
 # adapter_config.json lists that peft holds as sets (their saved order follows the hash seed): saved sorted.
 SET_VALUED = ("target_modules", "exclude_modules", "modules_to_save", "target_parameters")
 
@@ -50,6 +53,19 @@ def read_info(adapter_dir: str | Path) -> dict[str, Any]:
     return read_json(adapter_dir / INFO)
 
 
+def check_base(adapter_dir: str | Path, base: str | None = None, refusal: str = WRONG_BASE) -> dict[str, Any]:
+    """The adapter's ``training_info.json``, once the installed ``base`` (default: the base it names) has the
+    weights it was trained on (same sha256); otherwise ``refusal``, filled in, is the error."""
+    info = read_info(adapter_dir)
+    trained = info["base_model"]
+    base = base or trained["name"]
+    sha = weights_sha256(base)
+    if sha != trained["sha256"]:
+        facts = {"trained": trained["name"], "trained_sha": trained["sha256"], "base": base, "sha": sha}
+        raise CacheloraError(refusal.format(adapter=adapter_dir, info=Path(adapter_dir) / INFO, **facts))
+    return info
+
+
 def attach_adapter(model: SentenceTransformer, adapter_dir: str | Path) -> None:
     """Load a saved adapter onto ``model`` (in place); a corrupt file is one clear error."""
     from peft import PeftModel, get_peft_model_state_dict
@@ -77,15 +93,8 @@ def load_adapter_model(
     adapter_dir: str | Path, device: str = "cpu", max_seq_length: int | None = None
 ) -> SentenceTransformer:
     """Base model + adapter; fails if the installed base differs from the one it was trained on."""
-    info = read_info(adapter_dir)
-    base = info["base_model"]
-    actual = weights_sha256(base["name"])
-    if actual != base["sha256"]:
-        raise CacheloraError(
-            f"{Path(adapter_dir) / INFO}: base_model.sha256: adapter was trained on {base['sha256'][:12]}…, "
-            f"installed '{base['name']}' is {actual[:12]}…"
-        )
-    model = load_base(base["name"], device, max_seq_length or info.get("max_seq_length"))
+    info = check_base(adapter_dir)
+    model = load_base(info["base_model"]["name"], device, max_seq_length or info.get("max_seq_length"))
     attach_adapter(model, adapter_dir)
     return model
 

@@ -152,17 +152,10 @@ def evaluate(
 
 def _check_adapters(adapters: tuple[Path, ...], base: str) -> None:
     """Every adapter must be complete and trained on ``base`` (same weights)."""
-    from cachelora.adapters import read_info
-    from cachelora.base_model import weights_sha256
+    from cachelora.adapters import check_base
 
-    sha = weights_sha256(base)
     for path in adapters:
-        trained_on = read_info(path)["base_model"]
-        if trained_on["sha256"] != sha:
-            raise CacheloraError(
-                f"{path}: trained on base '{trained_on['name']}' ({trained_on['sha256'][:12]}…), "
-                f"not '{base}' ({sha[:12]}…)"
-            )
+        check_base(path, base, "{adapter}: trained on base '{trained}' ({trained_sha:.12}…), not '{base}' ({sha:.12}…)")
 
 
 @main.command()

@@ -10,15 +10,13 @@ import torch
 from sentence_transformers import SentenceTransformer
 
 from cachelora import paths
-from cachelora.adapters import WEIGHTS, read_info
+from cachelora.adapters import WEIGHTS, check_base
 from cachelora.base_model import load_base, weights_sha256
 from cachelora.errors import CacheloraError
 from cachelora.params import MERGED, Params
 from cachelora.records import file_md5
 
 log = logging.getLogger(__name__)
-
-RANDOM_METHODS = ("dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd")
 
 
 def merge_adapters(
@@ -28,11 +26,9 @@ def merge_adapters(
     from peft import PeftModel
 
     sources = sources or {domain: paths.model_dir(domain) for domain in params.domains}
-    infos = {name: read_info(path) for name, path in sources.items()}
+    refusal = "{adapter}: trained on another base model than '{base}'"
+    infos = {name: check_base(path, params.base_model, refusal) for name, path in sources.items()}
     sha = weights_sha256(params.base_model)
-    for name, info in infos.items():
-        if info["base_model"]["sha256"] != sha:
-            raise CacheloraError(f"{sources[name]}: trained on another base model than '{params.base_model}'")
     names = list(sources)
     weights = list(params.merge.weights or [1.0] * len(names))
     seq_len = max(info.get("max_seq_length", params.train.max_seq_length) for info in infos.values())
