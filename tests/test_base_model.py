@@ -1,3 +1,4 @@
+import hashlib
 import os
 import subprocess
 import sys
@@ -23,13 +24,19 @@ def test_names_without_offline_weights_become_hub_ids():
 def test_weight_sha256_is_of_the_weight_file():
     digest = weights_sha256("all-MiniLM-L6-v2")
     assert len(digest) == 64 and digest == weights_sha256("all-MiniLM-L6-v2")
+    weights = Path(resolve_base("all-MiniLM-L6-v2")) / "model.safetensors"  # what the offline package ships
+    assert digest == hashlib.sha256(weights.read_bytes()).hexdigest()
 
 
-def test_auto_device_without_cuda_is_cpu():
+def test_auto_device_without_cuda_is_cpu(monkeypatch):
     import torch
 
     assert pick_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
     assert pick_device("cpu") == "cpu"
+    for present, expected in ((False, "cpu"), (True, "cuda")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda present=present: present)
+        assert pick_device("auto") == expected
+        assert [pick_device(d) for d in ("cpu", "cuda:1", "mps")] == ["cpu", "cuda:1", "mps"]
 
 
 ORDER_SCRIPT = """
