@@ -4,7 +4,7 @@ import click
 
 from cachelora.entrypoint import user_errors
 from cachelora.params import load_params
-from cachelora.provenance import write_report
+from cachelora.report import write_report
 
 
 @click.command()

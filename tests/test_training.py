@@ -12,7 +12,6 @@ import torch
 from cachelora.adapters import INFO, save_adapter
 from cachelora.base_model import load_base
 from cachelora.errors import CacheloraError
-from cachelora.provenance import dir_md5
 from cachelora.records import file_md5, write_jsonl
 from cachelora.training import (
     FINAL_LOSS,
@@ -24,6 +23,7 @@ from cachelora.training import (
     train_model,
 )
 from cachelora.triplets import TEXT_FIELDS
+from cachelora.verify import dir_md5
 from tests.conftest import tiny_model_params, tiny_rows
 
 ROOT = Path(__file__).resolve().parents[1]

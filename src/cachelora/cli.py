@@ -165,7 +165,7 @@ def _check_adapters(adapters: tuple[Path, ...], base: str) -> None:
 def verify(pull: bool, recompute: bool) -> None:
     """Check every artifact against dvc.lock, every adapter file and load, and every reported number."""
     from cachelora.params import load_params
-    from cachelora.provenance import RECOMPUTE_TOLERANCE, verify
+    from cachelora.verify import RECOMPUTE_TOLERANCE, verify
 
     failures, checks = verify(load_params(), pull=pull, recompute=recompute)
     for failure in failures:
@@ -208,8 +208,8 @@ def publish(url: str, model_name: str) -> None:
     import tempfile
 
     from cachelora.params import MERGED, load_params
-    from cachelora.provenance import verify
     from cachelora.releases import build_release, publish_release, record_release, release_url
+    from cachelora.verify import verify
 
     release_url(url)  # a bad URL fails before the export
     params = load_params()

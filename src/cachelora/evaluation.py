@@ -14,7 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
+from sklearn.metrics import (
+    average_precision_score,
+    precision_recall_curve,
+    precision_recall_fscore_support,
+    roc_auc_score,
+)
 
 from cachelora import paths
 from cachelora.errors import CacheloraError
@@ -72,17 +77,15 @@ def max_f1_threshold(scores: Scores) -> float:
 
 def decision(scores: Scores, threshold: float) -> dict[str, float]:
     """Pair view of 'hit when cos >= threshold': precision, recall, f1 and false_hit_rate."""
-    tp = int((scores.pos >= threshold).sum())
-    fp = int((scores.neg >= threshold).sum())
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / len(scores.pos)
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    labels, values = scores.labels_and_scores
+    hits = (values >= threshold).astype(int)
+    precision, recall, f1, _ = precision_recall_fscore_support(labels, hits, average="binary", zero_division=0.0)
     return {
         "threshold": round(threshold, 6),
-        "precision": round(precision, 6),
-        "recall": round(recall, 6),
-        "f1": round(f1, 6),
-        "false_hit_rate": round(fp / len(scores.neg), 6),
+        "precision": round(float(precision), 6),
+        "recall": round(float(recall), 6),
+        "f1": round(float(f1), 6),
+        "false_hit_rate": round(float((scores.neg >= threshold).mean()), 6),
     }
 
 

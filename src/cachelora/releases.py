@@ -215,7 +215,7 @@ def build_release(folder: Path, model_name: str, adapters: list[str]) -> dict[st
     """A release for consumers without DVC: exported model, adapters, results, metrics, lock, manifest."""
     from cachelora import paths
     from cachelora.export import export_model
-    from cachelora.provenance import LOCK, RESULTS
+    from cachelora.report import LOCK, RESULTS
 
     export_model(model_name, folder / "model")
     for name in adapters:

@@ -1,11 +1,8 @@
-import json
-
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from cachelora.errors import CacheloraError
-from cachelora.provenance import BEGIN, END, Cell, check_safetensors, lookup, replace_block
+from cachelora.verify import check_safetensors
 
 
 @pytest.fixture
@@ -44,25 +41,10 @@ def test_garbage_is_named(tmp_path):
     assert "too short" in check_safetensors(bad)
 
 
-def test_lookup_and_cells(tmp_path):
-    source = tmp_path / "m.json"
-    source.write_text(json.dumps({"merged": {"law": {"margin": 0.123456}}}))
-    assert Cell(source, "merged.law.margin", ".4f").render({}) == "0.1235"
-    with pytest.raises(CacheloraError, match=r"m.json: key 'merged.medical.margin' not found"):
-        lookup(json.loads(source.read_text()), "merged.medical.margin", source)
-
-
-def test_replace_block_needs_both_markers():
-    text = f"intro\n{BEGIN}\nold\n{END}\nrest\n"
-    assert replace_block(text, f"{BEGIN}\nnew\n{END}") == f"intro\n{BEGIN}\nnew\n{END}\nrest\n"
-    with pytest.raises(CacheloraError, match=r"needs exactly one"):
-        replace_block("no markers", "x")
-
-
 def test_check_lock_hashes_directories_like_dvc(tmp_path, monkeypatch):
     import hashlib
 
-    from cachelora.provenance import check_lock, dir_md5
+    from cachelora.verify import check_lock, dir_md5
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "out").mkdir()

@@ -1,8 +1,7 @@
-"""Provenance: RESULTS.md generated from the metrics it cites, and the checks behind ``verify``.
+"""``cachelora verify``: the checks that every reported number traces to a checksummed artifact.
 
-Every number in RESULTS.md (and in README's results block) is a :class:`Cell`: a JSON file, a
-dotted key and a format. The report renders cells; ``verify`` renders them again from the current
-metrics and compares, so a hand-edited or stale number is caught and named.
+The lock as ``dvc status`` sees it, every model directory and adapter file, RESULTS.md's header and
+citations, every table cell against the metric it cites, and (``--recompute``) re-evaluation.
 """
 
 from __future__ import annotations
@@ -13,93 +12,28 @@ import re
 import struct
 import subprocess
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from cachelora import paths
 from cachelora.errors import CacheloraError
-from cachelora.params import MERGED, MULTI, Params
-from cachelora.records import file_md5, read_json, write_text
+from cachelora.params import MERGED, Params
+from cachelora.records import file_md5, read_json
+from cachelora.report import (
+    EVAL,
+    LOCK,
+    README,
+    RESULTS,
+    Cell,
+    all_tables,
+    git,
+    headline_table,
+    locked_outputs,
+    params_digest,
+)
 
-LOCK = Path("dvc.lock")
-RESULTS = Path("RESULTS.md")
-README = Path("README.md")
-BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 RECOMPUTE_TOLERANCE = 1e-4  # per metric; percentages are 100x a ratio, so they get 100x this
-EVAL = paths.METRICS_DIR / "eval.json"
-
-
-# --- citations ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Cell:
-    """A number in a table: the JSON file and dotted key it comes from, and how it is printed."""
-
-    source: Path
-    key: str
-    fmt: str = ".3f"
-
-    def render(self, cache: dict[Path, Any]) -> str:
-        if self.source not in cache:
-            cache[self.source] = read_json(self.source)
-        value = lookup(cache[self.source], self.key, self.source)
-        return format(value, self.fmt)
-
-
-@dataclass(frozen=True)
-class Table:
-    """A markdown table whose first column labels each row."""
-
-    title: str
-    header: tuple[str, ...]
-    rows: tuple[tuple[str | Cell, ...], ...]
-
-    def sources(self) -> list[Path]:
-        return sorted({c.source for row in self.rows for c in row if isinstance(c, Cell)})
-
-    def render_rows(self, cache: dict[Path, Any]) -> list[list[str]]:
-        return [[c.render(cache) if isinstance(c, Cell) else c for c in row] for row in self.rows]
-
-
-def lookup(data: Any, key: str, source: Path) -> Any:
-    """``data[k1][k2]...`` for a dotted key; a missing key names the file and key."""
-    for part in key.split("."):
-        if not isinstance(data, dict) or part not in data:
-            raise CacheloraError(f"{source}: key '{key}' not found")
-        data = data[part]
-    return data
-
-
-def locked_outputs(lock: Path = LOCK) -> dict[str, str]:
-    """Every output path in dvc.lock with its md5 (``….dir`` for directories)."""
-    if not lock.is_file():
-        raise CacheloraError(f"{lock}: not found (run `dvc repro` first)")
-    stages = (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages", {})
-    return {out["path"]: out["md5"] for stage in stages.values() for out in stage.get("outs", [])}
-
-
-def params_digest(path: Path = Path("params.yaml")) -> str:
-    """sha256 of the parsed params, canonical JSON (comments and layout do not count)."""
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
-
-
-def _git(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["git", *args], capture_output=True, text=True)
-
-
-def git_commit(inputs: list[str]) -> str:
-    """The commit holding the pipeline's inputs: HEAD, with ``+uncommitted`` when they differ from it."""
-    head = _git("rev-parse", "HEAD")
-    if head.returncode != 0:
-        return "unknown"
-    changed = _git("status", "--porcelain", "--untracked-files=all", "--", *inputs).stdout.strip()
-    return head.stdout.strip() + ("+uncommitted" if changed else "")
 
 
 def check_commit(commit: str, inputs: list[str], source: Path) -> Iterator[str]:
@@ -107,228 +41,10 @@ def check_commit(commit: str, inputs: list[str], source: Path) -> Iterator[str]:
     sha = commit.removesuffix("+uncommitted")
     if commit != sha:
         yield f"{source}: generated from inputs not committed on {sha[:12]} (commit them, then `dvc repro -f report`)"
-    elif _git("merge-base", "--is-ancestor", sha, "HEAD").returncode != 0:
+    elif git("merge-base", "--is-ancestor", sha, "HEAD").returncode != 0:
         yield f"{source}: commit {sha[:12]} is not HEAD or an ancestor of it"
-    elif changed := _git("diff", "--name-only", sha, "--", *inputs).stdout.split():
+    elif changed := git("diff", "--name-only", sha, "--", *inputs).stdout.split():
         yield f"{source}: inputs changed since commit {sha[:12]}: {', '.join(changed[:5])}"
-
-
-# --- the tables ----------------------------------------------------------------------------------
-
-
-def _models(params: Params) -> list[str]:
-    from cachelora.evaluation import BASELINE
-
-    return [BASELINE, *params.train_models, MERGED]
-
-
-def _groups(params: Params) -> list[str]:
-    from cachelora.evaluation import ALL
-
-    return [*params.domains, ALL]
-
-
-def headline_table(params: Params) -> Table:
-    """Per domain (and all domains in one cache): what a cache does at the val-chosen operating point,
-    on the generated test split and the natural test set, for the baseline, multi and merged."""
-    from cachelora.evaluation import BASELINE, CHOSEN_ON
-
-    rows = []
-    for g in _groups(params):
-        for m in (BASELINE, MULTI, MERGED):
-            rows.append(
-                (
-                    g,
-                    m,
-                    Cell(EVAL, f"{m}.{CHOSEN_ON}.{g}.threshold", ".3f"),
-                    Cell(EVAL, f"{m}.test.{g}.replay.hit_rate", ".3f"),
-                    Cell(EVAL, f"{m}.test.{g}.replay.hit_precision", ".3f"),
-                    Cell(EVAL, f"{m}.test.{g}.average_precision", ".3f"),
-                    Cell(EVAL, f"{m}.natural_test.{g}.replay.hit_rate", ".3f"),
-                    Cell(EVAL, f"{m}.natural_test.{g}.replay.hit_precision", ".3f"),
-                    Cell(EVAL, f"{m}.natural_test.{g}.average_precision", ".3f"),
-                )
-            )
-    header = (
-        "domain", "model", "threshold (val)", "test hit rate", "test hit precision", "test AP",
-        "natural hit rate", "natural hit precision", "natural AP",
-    )  # fmt: skip
-    title = "Headline: cache hit rate at the val-chosen operating point (generated test, natural test)"
-    return Table(title, header, tuple(rows))
-
-
-def deploy_table(params: Params) -> Table:
-    """The model ``deploy`` chose on val, at exactly its shipped thresholds."""
-    rows = []
-    for g in _groups(params):
-        base = "deploy" if g == "all" else f"deploy.per_domain.{g}"
-        rows.append(
-            (
-                g,
-                Cell(EVAL, f"{base}.val.threshold", ".3f"),
-                *(
-                    Cell(EVAL, f"{base}.{s}.{k}", ".3f")
-                    for s in ("val", "test", "natural_test")
-                    for k in ("hit_rate", "hit_precision")
-                ),
-            )
-        )
-    header = (
-        "thresholds", "threshold", "val hit rate", "val hit precision", "test hit rate", "test hit precision",
-        "natural hit rate", "natural hit precision",
-    )  # fmt: skip
-    return Table("Deploy: the model chosen on val, at its shipped thresholds", header, tuple(rows))
-
-
-def model_tables(params: Params) -> list[Table]:
-    """Every model on each domain (and all): replay, ranking quality and the seeds' margin metrics."""
-    header = (
-        "model", "test hit rate", "test hit precision", "test false-hit rate", "test AP", "test ROC AUC",
-        "test margin", "test gain %", "CI low", "CI high", "test accuracy",
-        "natural hit rate", "natural hit precision", "natural AP", "natural gain %", "natural accuracy",
-    )  # fmt: skip
-    tables = []
-    for g in _groups(params):
-        rows = []
-        for m in _models(params):
-            t, n = f"{m}.test.{g}", f"{m}.natural_test.{g}"
-            rows.append(
-                (
-                    m,
-                    Cell(EVAL, f"{t}.replay.hit_rate", ".3f"),
-                    Cell(EVAL, f"{t}.replay.hit_precision", ".3f"),
-                    Cell(EVAL, f"{t}.replay.false_hit_rate", ".3f"),
-                    Cell(EVAL, f"{t}.average_precision", ".3f"),
-                    Cell(EVAL, f"{t}.roc_auc", ".3f"),
-                    Cell(EVAL, f"{t}.margin", ".4f"),
-                    Cell(EVAL, f"{t}.margin_gain_pct", "+.1f"),
-                    Cell(EVAL, f"{t}.margin_gain_pct_ci_low", "+.1f"),
-                    Cell(EVAL, f"{t}.margin_gain_pct_ci_high", "+.1f"),
-                    Cell(EVAL, f"{t}.triplet_accuracy", ".3f"),
-                    Cell(EVAL, f"{n}.replay.hit_rate", ".3f"),
-                    Cell(EVAL, f"{n}.replay.hit_precision", ".3f"),
-                    Cell(EVAL, f"{n}.average_precision", ".3f"),
-                    Cell(EVAL, f"{n}.margin_gain_pct", "+.1f"),
-                    Cell(EVAL, f"{n}.triplet_accuracy", ".3f"),
-                )
-            )
-        title = "all domains, one cache" if g == "all" else g
-        tables.append(Table(f"{title}: every model (generated test, natural test)", header, tuple(rows)))
-    return tables
-
-
-def data_table(params: Params) -> Table:
-    """Rows through the quality gate and the split, per domain, and what the split checks found."""
-    rows = []
-    for d in params.domains:
-        val, split = paths.stage_metrics("validate", d), paths.stage_metrics("split", d)
-        rows.append(
-            (
-                d,
-                Cell(val, "rows_in", "d"),
-                Cell(val, "quarantined", "d"),
-                Cell(split, "rows.train", "d"),
-                Cell(split, "rows.val", "d"),
-                Cell(split, "rows.test", "d"),
-                Cell(split, "dropped_overlap.train", "d"),
-                Cell(split, "unseen.cross_split_topics", "d"),
-                Cell(split, "unseen.cross_split_templates", "d"),
-            )
-        )
-    header = (
-        "domain", "generated", "quarantined", "train", "val", "test", "dropped (shared text)",
-        "topics across splits", "templates across splits",
-    )  # fmt: skip
-    return Table("Data: quality gate and split", header, tuple(rows))
-
-
-def training_table(params: Params) -> Table:
-    rows = []
-    for m in params.train_models:
-        t = paths.stage_metrics("train", m)
-        rows.append(
-            (m, Cell(t, "triplets", "d"), Cell(t, "steps", "d"), Cell(t, "final_loss_mean_last_10pct", ".4f"),
-             Cell(t, "triplets_per_s", ".1f"))
-        )  # fmt: skip
-    return Table("Training", ("model", "triplets", "steps", "final loss", "triplets/s"), tuple(rows))
-
-
-def all_tables(params: Params) -> list[Table]:
-    return [
-        headline_table(params),
-        deploy_table(params),
-        *model_tables(params),
-        data_table(params),
-        training_table(params),
-    ]
-
-
-# --- rendering -----------------------------------------------------------------------------------
-
-
-def _markdown(table: Table, cache: dict[Path, Any], locked: dict[str, str]) -> list[str]:
-    lines = [f"### {table.title}", "", "| " + " | ".join(table.header) + " |", "|" + "---|" * len(table.header)]
-    lines += ["| " + " | ".join(row) + " |" for row in table.render_rows(cache)]
-    cites = ", ".join(f"`{s}` (md5 `{locked.get(str(s), 'not in dvc.lock')}`)" for s in table.sources())
-    return [*lines, "", f"Source: {cites}; each cell is the JSON key named by its row and column.", ""]
-
-
-def render_results(params: Params) -> str:
-    """RESULTS.md: provenance header, then every table with its sources and their locked md5."""
-
-    locked = locked_outputs()
-    cache: dict[Path, Any] = {}
-    base = read_json(EVAL)["base_model"]
-    models = [*params.train_models, MERGED]
-    lines = [
-        "# Results",
-        "",
-        "Generated by the `report` stage (`dvc repro report`) from the metrics files it cites; do not edit.",
-        "`cachelora verify` re-checks every number here against those files and every file against `dvc.lock`.",
-        "",
-        "| artifact | identity |",
-        "|---|---|",
-        f"| base model | `{base['name']}` sha256 `{base['sha256']}` |",
-        f"| params.yaml | sha256 `{params_digest()}` (parsed, canonical JSON) |",
-        f"| inputs (code, params, seeds, natural sets) at git commit | `{git_commit(paths.PIPELINE_INPUTS)}` |",
-        *[f"| `models/{m}` | md5 `{locked.get(f'models/{m}', 'not in dvc.lock')}` (dvc.lock) |" for m in models],
-        "",
-        "**Cache replay** (DESIGN.md): the cache holds every positive and negative of a set; each anchor",
-        "looks up its nearest entry and hits when the cosine reaches the threshold; a hit is correct when",
-        "the entry asks the anchor's question. Each model's threshold is its **operating point**: the lowest",
-        f"val threshold whose val hit precision reaches {read_json(EVAL)['target_precision']} (per domain; one",
-        'global threshold for the cross-domain cache "all"). It is chosen on the generated val split and',
-        "reported on the generated test split and on the hand-written natural test set (`data/natural/test.jsonl`).",
-        "Test topics and phrasings are unseen by every model (DESIGN.md, Splits). AP is threshold-free.",
-        "Gain % is the seeds' margin gain over the baseline, with a paired-bootstrap 95 % CI over whole topics.",
-        "",
-    ]
-    for table in all_tables(params):
-        lines += _markdown(table, cache, locked)
-    return "\n".join(lines)
-
-
-def readme_block(params: Params) -> str:
-    """README's results block: the headline table, same source as RESULTS.md."""
-    lines = _markdown(headline_table(params), {}, locked_outputs())
-    return "\n".join([BEGIN, *lines, "Full tables and provenance: [RESULTS.md](RESULTS.md).", END])
-
-
-def replace_block(text: str, block: str, source: Path = README) -> str:
-    """``text`` with the part between the results markers replaced by ``block``."""
-    if text.count(BEGIN) != 1 or text.count(END) != 1:
-        raise CacheloraError(f"{source}: needs exactly one '{BEGIN}' and one '{END}' marker")
-    head, rest = text.split(BEGIN)
-    return head + block + rest.split(END, 1)[1]
-
-
-def write_report(params: Params) -> None:
-    """Write RESULTS.md and README's results block."""
-    write_text(RESULTS, render_results(params) + "\n")
-    write_text(README, replace_block(README.read_text(encoding="utf-8"), readme_block(params)))
-
-
-# --- verify --------------------------------------------------------------------------------------
 
 
 def dir_md5(path: Path) -> str:

@@ -1,0 +1,21 @@
+import json
+
+import pytest
+
+from cachelora.errors import CacheloraError
+from cachelora.report import BEGIN, END, Cell, lookup, replace_block
+
+
+def test_lookup_and_cells(tmp_path):
+    source = tmp_path / "m.json"
+    source.write_text(json.dumps({"merged": {"law": {"margin": 0.123456}}}))
+    assert Cell(source, "merged.law.margin", ".4f").render({}) == "0.1235"
+    with pytest.raises(CacheloraError, match=r"m.json: key 'merged.medical.margin' not found"):
+        lookup(json.loads(source.read_text()), "merged.medical.margin", source)
+
+
+def test_replace_block_needs_both_markers():
+    text = f"intro\n{BEGIN}\nold\n{END}\nrest\n"
+    assert replace_block(text, f"{BEGIN}\nnew\n{END}") == f"intro\n{BEGIN}\nnew\n{END}\nrest\n"
+    with pytest.raises(CacheloraError, match=r"needs exactly one"):
+        replace_block("no markers", "x")
