@@ -177,7 +177,7 @@ def test_full_pipeline_noop_experiment_and_metrics_diff(repo):
     run(repo, "git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "rank 4")
     exp = run(repo, "dvc", "exp", "run", "-S", "lora.rank=16")
     ran = {line.split("'")[1] for line in exp.stdout.splitlines() if line.startswith("Running stage")}
-    assert ran and all(s.startswith(("train@", "merge", "evaluate", "report")) for s in ran), ran
+    assert ran and all(s.startswith(("check_params", "train@", "merge", "evaluate", "report")) for s in ran), ran
     assert not any(s.startswith(("generate", "validate", "split")) for s in ran)
     assert json.loads((repo / "models/medical/adapter_config.json").read_text())["r"] == 16
 
@@ -260,6 +260,34 @@ def test_report_cites_and_verify_catches_each_corruption(pipeline):
         (repo / "README.md").write_text(readme)
     recomputed = run(repo, "cachelora", "verify", "--recompute")
     assert "verify: OK" in recomputed.stdout and "re-evaluation within" in recomputed.stdout
+
+
+def test_verify_catches_a_stale_lock_a_stale_header_and_a_missing_model(pipeline):
+    """Inputs changed after the run (params, code), a model directory gone: each named, all reported."""
+    repo = pipeline
+    params, evaluation = (repo / "params.yaml").read_text(), (repo / "src/cachelora/replay.py").read_text()
+    results = (repo / "RESULTS.md").read_text()
+    multi = repo / "models/multi"
+    shutil.move(multi, repo / "multi.bak")
+    set_params(repo, {"evaluate": {"bootstrap": 150}})
+    (repo / "src/cachelora/replay.py").write_text(evaluation + "\n# edited\n")
+    (repo / "RESULTS.md").write_text(results.replace("md5 `", "md5 `0", 1))
+    try:
+        proc = run(repo, "cachelora", "verify", check=False)
+        text = proc.stdout
+        assert proc.returncode == 1, text
+        assert "dvc.lock: stage 'evaluate': params params.yaml: evaluate.bootstrap modified (`dvc status`)" in text
+        assert "dvc.lock: stage 'evaluate': deps src/cachelora/replay.py: modified (`dvc status`)" in text
+        assert "models/multi: model directory missing" in text
+        assert "params digest" in text and "differs from params.yaml now" in text
+        assert "inputs changed since commit" in text
+        assert "differs from dvc.lock" in text  # the corrupted model md5 in the header
+    finally:
+        (repo / "params.yaml").write_text(params)
+        (repo / "src/cachelora/replay.py").write_text(evaluation)
+        (repo / "RESULTS.md").write_text(results)
+        shutil.move(repo / "multi.bak", multi)
+    assert "verify: OK" in run(repo, "cachelora", "verify").stdout
 
 
 def test_exported_model_matches_base_plus_adapter(pipeline):

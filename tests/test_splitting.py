@@ -107,16 +107,21 @@ def test_a_shared_template_injected_fails(generated):
         check_unseen("medical", unseen_check("medical", injected, plan))
 
 
-def test_rows_sharing_a_held_out_text_are_counted_then_dropped():
-    rows = [
+def user_rows(negative, groups=40):
+    """40 rows of user data (no topic): row i asks q{i}; ``negative(i)`` names its negative."""
+    return [
         {
             "anchor": f"q{i} variant",
             "positive": f"q{i} original",
-            "negative": f"q{(i + 1) % 40} original",
-            "source_id": f"s{i}",
+            "negative": negative(i),
+            "source_id": f"s{i % groups}",
         }
         for i in range(40)
     ]
+
+
+def test_rows_sharing_a_held_out_text_are_counted_then_dropped():
+    rows = user_rows(lambda i: f"q{(i + 1) % 40} original")  # each negative is another row's positive
     splits, metrics = split_rows(rows, SPLIT, "user")
     shared = metrics["texts_shared"]["test_in_train"] + metrics["texts_shared"]["val_in_train"]
     assert shared > 0 and metrics["dropped_overlap"]["train"] > 0
@@ -137,16 +142,7 @@ def test_seeded(lexicons):
 
 
 def test_user_rows_group_by_source_id_when_no_topic():
-    rows = [
-        {
-            "anchor": f"question {i} variant a",
-            "positive": f"question {i} original",
-            "negative": f"other {i}",
-            "source_id": f"s{i % 10}",
-        }
-        for i in range(40)
-    ]
-    splits, _ = split_rows(rows, SPLIT, "user")
+    splits, _ = split_rows(user_rows(lambda i: f"other {i}", groups=10), SPLIT, "user")
     ids = {name: {r["source_id"] for r in part} for name, part in splits.items()}
     assert not ids["train"] & ids["test"]
 

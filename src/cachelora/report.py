@@ -17,7 +17,8 @@ import yaml
 
 from cachelora import paths
 from cachelora.errors import CacheloraError
-from cachelora.params import MERGED, MULTI, Params
+from cachelora.evaluation import ALL
+from cachelora.params import BASELINE, MERGED, MULTI, Params
 from cachelora.records import read_json, write_text
 
 LOCK = Path("dvc.lock")
@@ -101,104 +102,83 @@ def git_commit(inputs: list[str]) -> str:
 
 
 def _models(params: Params) -> list[str]:
-    from cachelora.evaluation import BASELINE
-
     return [BASELINE, *params.train_models, MERGED]
 
 
 def _groups(params: Params) -> list[str]:
-    from cachelora.evaluation import ALL
-
     return [*params.domains, ALL]
+
+
+def _columns(model: str, group: str, columns: tuple[tuple[str, str, str, str], ...]) -> tuple[Cell, ...]:
+    """One cell per column: (header, set, key, format) read as ``<model>.<set>.<group>.<key>``."""
+    return tuple(Cell(EVAL, f"{model}.{s}.{group}.{key}", fmt) for _, s, key, fmt in columns)
+
+
+HEADLINE_COLUMNS = (
+    ("threshold (val)", "val", "threshold", ".3f"),
+    ("test hit rate", "test", "replay.hit_rate", ".3f"),
+    ("test hit precision", "test", "replay.hit_precision", ".3f"),
+    ("test AP", "test", "average_precision", ".3f"),
+    ("natural hit rate", "natural_test", "replay.hit_rate", ".3f"),
+    ("natural hit precision", "natural_test", "replay.hit_precision", ".3f"),
+    ("natural AP", "natural_test", "average_precision", ".3f"),
+)
+MODEL_COLUMNS = (
+    ("test hit rate", "test", "replay.hit_rate", ".3f"),
+    ("test hit precision", "test", "replay.hit_precision", ".3f"),
+    ("test false-hit rate", "test", "replay.false_hit_rate", ".3f"),
+    ("test AP", "test", "average_precision", ".3f"),
+    ("test ROC AUC", "test", "roc_auc", ".3f"),
+    ("test margin", "test", "margin", ".4f"),
+    ("test gain %", "test", "margin_gain_pct", "+.1f"),
+    ("CI low", "test", "margin_gain_pct_ci_low", "+.1f"),
+    ("CI high", "test", "margin_gain_pct_ci_high", "+.1f"),
+    ("test accuracy", "test", "triplet_accuracy", ".3f"),
+    ("natural hit rate", "natural_test", "replay.hit_rate", ".3f"),
+    ("natural hit precision", "natural_test", "replay.hit_precision", ".3f"),
+    ("natural AP", "natural_test", "average_precision", ".3f"),
+    ("natural gain %", "natural_test", "margin_gain_pct", "+.1f"),
+    ("natural accuracy", "natural_test", "triplet_accuracy", ".3f"),
+)
+DEPLOY_SETS = ("val", "test", "natural_test")
 
 
 def headline_table(params: Params) -> Table:
     """Per domain (and all domains in one cache): what a cache does at the val-chosen operating point,
     on the generated test split and the natural test set, for the baseline, multi and merged."""
-    from cachelora.evaluation import BASELINE, CHOSEN_ON
-
-    rows = []
-    for g in _groups(params):
-        for m in (BASELINE, MULTI, MERGED):
-            rows.append(
-                (
-                    g,
-                    m,
-                    Cell(EVAL, f"{m}.{CHOSEN_ON}.{g}.threshold", ".3f"),
-                    Cell(EVAL, f"{m}.test.{g}.replay.hit_rate", ".3f"),
-                    Cell(EVAL, f"{m}.test.{g}.replay.hit_precision", ".3f"),
-                    Cell(EVAL, f"{m}.test.{g}.average_precision", ".3f"),
-                    Cell(EVAL, f"{m}.natural_test.{g}.replay.hit_rate", ".3f"),
-                    Cell(EVAL, f"{m}.natural_test.{g}.replay.hit_precision", ".3f"),
-                    Cell(EVAL, f"{m}.natural_test.{g}.average_precision", ".3f"),
-                )
-            )
-    header = (
-        "domain", "model", "threshold (val)", "test hit rate", "test hit precision", "test AP",
-        "natural hit rate", "natural hit precision", "natural AP",
-    )  # fmt: skip
-    title = "Headline: cache hit rate at the val-chosen operating point (generated test, natural test)"
-    return Table(title, header, tuple(rows))
+    rows = tuple((g, m, *_columns(m, g, HEADLINE_COLUMNS)) for g in _groups(params) for m in (BASELINE, MULTI, MERGED))
+    header = ("domain", "model", *(c[0] for c in HEADLINE_COLUMNS))
+    return Table(
+        "Headline: cache hit rate at the val-chosen operating point (generated test, natural test)", header, rows
+    )
 
 
 def deploy_table(params: Params) -> Table:
     """The model ``deploy`` chose on val, at exactly its shipped thresholds."""
     rows = []
     for g in _groups(params):
-        base = "deploy" if g == "all" else f"deploy.per_domain.{g}"
-        rows.append(
-            (
-                g,
-                Cell(EVAL, f"{base}.val.threshold", ".3f"),
-                *(
-                    Cell(EVAL, f"{base}.{s}.{k}", ".3f")
-                    for s in ("val", "test", "natural_test")
-                    for k in ("hit_rate", "hit_precision")
-                ),
-            )
-        )
+        base = "deploy" if g == ALL else f"deploy.per_domain.{g}"
+        figures = (Cell(EVAL, f"{base}.{s}.{k}", ".3f") for s in DEPLOY_SETS for k in ("hit_rate", "hit_precision"))
+        rows.append((g, Cell(EVAL, f"{base}.val.threshold", ".3f"), *figures))
     header = (
-        "thresholds", "threshold", "val hit rate", "val hit precision", "test hit rate", "test hit precision",
-        "natural hit rate", "natural hit precision",
-    )  # fmt: skip
+        "thresholds",
+        "threshold",
+        *(f"{s.replace('_', ' ')} {k}" for s in DEPLOY_SETS for k in ("hit rate", "hit precision")),
+    )
     return Table("Deploy: the model chosen on val, at its shipped thresholds", header, tuple(rows))
 
 
 def model_tables(params: Params) -> list[Table]:
     """Every model on each domain (and all): replay, ranking quality and the seeds' margin metrics."""
-    header = (
-        "model", "test hit rate", "test hit precision", "test false-hit rate", "test AP", "test ROC AUC",
-        "test margin", "test gain %", "CI low", "CI high", "test accuracy",
-        "natural hit rate", "natural hit precision", "natural AP", "natural gain %", "natural accuracy",
-    )  # fmt: skip
-    tables = []
-    for g in _groups(params):
-        rows = []
-        for m in _models(params):
-            t, n = f"{m}.test.{g}", f"{m}.natural_test.{g}"
-            rows.append(
-                (
-                    m,
-                    Cell(EVAL, f"{t}.replay.hit_rate", ".3f"),
-                    Cell(EVAL, f"{t}.replay.hit_precision", ".3f"),
-                    Cell(EVAL, f"{t}.replay.false_hit_rate", ".3f"),
-                    Cell(EVAL, f"{t}.average_precision", ".3f"),
-                    Cell(EVAL, f"{t}.roc_auc", ".3f"),
-                    Cell(EVAL, f"{t}.margin", ".4f"),
-                    Cell(EVAL, f"{t}.margin_gain_pct", "+.1f"),
-                    Cell(EVAL, f"{t}.margin_gain_pct_ci_low", "+.1f"),
-                    Cell(EVAL, f"{t}.margin_gain_pct_ci_high", "+.1f"),
-                    Cell(EVAL, f"{t}.triplet_accuracy", ".3f"),
-                    Cell(EVAL, f"{n}.replay.hit_rate", ".3f"),
-                    Cell(EVAL, f"{n}.replay.hit_precision", ".3f"),
-                    Cell(EVAL, f"{n}.average_precision", ".3f"),
-                    Cell(EVAL, f"{n}.margin_gain_pct", "+.1f"),
-                    Cell(EVAL, f"{n}.triplet_accuracy", ".3f"),
-                )
-            )
-        title = "all domains, one cache" if g == "all" else g
-        tables.append(Table(f"{title}: every model (generated test, natural test)", header, tuple(rows)))
-    return tables
+    header = ("model", *(c[0] for c in MODEL_COLUMNS))
+    return [
+        Table(
+            f"{'all domains, one cache' if g == ALL else g}: every model (generated test, natural test)",
+            header,
+            tuple((m, *_columns(m, g, MODEL_COLUMNS)) for m in _models(params)),
+        )
+        for g in _groups(params)
+    ]
 
 
 def data_table(params: Params) -> Table:
