@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install repro test lint bench bench-setup s3-local clean-venv
+.PHONY: install repro test lint bench bench-llm bench-setup s3-local clean-venv
 
 install: $(VENV)/.installed
 
@@ -54,6 +54,9 @@ bench: install
 	$(BIN)/python benchmarks/bench_evaluate.py
 	$(BIN)/python benchmarks/bench_pipeline.py
 	$(BIN)/python benchmarks/render.py --write-readme
+
+bench-llm: install
+	$(BIN)/python benchmarks/bench_llm.py
 
 bench-setup:
 	bash benchmarks/bench_setup.sh

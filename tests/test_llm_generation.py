@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
+import logging
 import random
+import re
+import signal
+import subprocess
+import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -19,8 +28,8 @@ from cachelora import llm_generation as llm
 from cachelora.errors import CacheloraError
 from cachelora.generation import generate_domain
 from cachelora.lexicon import Lexicon, load_lexicon
-from cachelora.params import Params
-from cachelora.records import read_jsonl
+from cachelora.params import OpenAIParams, Params, load_params
+from cachelora.records import read_json, read_jsonl
 from cachelora.triplets import concept_id, normalise, stable_id
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,24 +78,51 @@ class Reply:
 
 
 class FakeLLM:
-    """What the handler does: scripted replies in arrival order, then ``responder``'s."""
+    """What the handler does: scripted replies in arrival order, then ``responder``'s.
+
+    ``hold_after``: requests arriving after that many get no reply until ``gate`` is set, and then
+    none at all (the client is gone by then). ``fill``: no reply until that many requests are in
+    flight (``full`` is set; at most 10 s). ``answered`` logs the bodies answered with a 200 reply;
+    ``in_flight`` / ``peak_in_flight`` count requests between arrival and reply.
+    """
 
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
+        self.answered: list[dict[str, Any]] = []
         self.keys: list[str | None] = []
         self.script: list[Reply] = []
         self.responder: Callable[[str, str], str] = default_content
         self.jitter = 0.0
+        self.delay = 0.0
+        self.hold_after: int | None = None
+        self.gate = threading.Event()
+        self.fill: int | None = None
+        self.full = threading.Event()
+        self.in_flight = 0
+        self.peak_in_flight = 0
         self.lock = threading.Lock()
         self.rng = random.Random(0)
         self.url = ""
 
-    def next_reply(self, body: dict[str, Any], authorization: str | None) -> tuple[Reply, float]:
+    def next_reply(self, body: dict[str, Any], authorization: str | None) -> tuple[Reply | None, float]:
+        """The reply to send (None: hold the request, then drop it) and a jitter to wait first."""
         with self.lock:
             self.requests.append(body)
             self.keys.append(authorization)
+            if self.hold_after is not None and len(self.requests) > self.hold_after:
+                return None, 0.0
             reply = self.script.pop(0) if self.script else Reply()
-            return reply, self.rng.uniform(0, self.jitter)
+            self.in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+            if self.fill is not None and self.in_flight >= self.fill:
+                self.full.set()
+            return reply, self.rng.uniform(0, self.jitter) + self.delay
+
+    def replied(self, body: dict[str, Any], status: int) -> None:
+        with self.lock:
+            self.in_flight -= 1
+            if status == 200:
+                self.answered.append(body)
 
 
 def make_handler(fake: FakeLLM) -> type[BaseHTTPRequestHandler]:
@@ -98,8 +134,20 @@ def make_handler(fake: FakeLLM) -> type[BaseHTTPRequestHandler]:
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             if self.path != "/v1/chat/completions":
                 return self.send(404, {"error": {"message": "not found"}})
-            reply, jitter = fake.next_reply(body, self.headers.get("Authorization"))
-            time.sleep(reply.delay + jitter)
+            reply, wait = fake.next_reply(body, self.headers.get("Authorization"))
+            if reply is None:
+                fake.gate.wait(60)
+                self.close_connection = True
+                return None
+            if fake.fill is not None:
+                fake.full.wait(10)
+            time.sleep(reply.delay + wait)
+            try:
+                self.answer(body, reply)
+            finally:
+                fake.replied(body, 200 if reply.raw is not None else reply.status)
+
+        def answer(self, body: dict[str, Any], reply: Reply) -> None:
             if reply.raw is not None:
                 return self.send(200, reply.raw)
             if reply.status != 200:
@@ -136,15 +184,21 @@ def make_handler(fake: FakeLLM) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256  # the default (5) drops connections when 64 open at once
+
+
 @pytest.fixture
 def server() -> Iterator[FakeLLM]:
     fake = FakeLLM()
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(fake))
-    httpd.daemon_threads = True
+    httpd = Server(("127.0.0.1", 0), make_handler(fake))
     thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     fake.url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
     yield fake
+    fake.gate.set()
+    fake.full.set()
     httpd.shutdown()
     httpd.server_close()
 
@@ -189,6 +243,31 @@ def make_params(server: FakeLLM, queries_file: str | None = None, **openai: Any)
             "validate": {"min_chars": 8, "max_chars": 200},
         }
     )
+
+
+def many_candidates(paraphrases: int, negatives: int) -> Callable[[str, str], str]:
+    """A responder with ``paraphrases`` paraphrases and ``negatives`` negatives, all passing the filters."""
+
+    def responder(kind: str, query: str) -> str:
+        if kind == "PARAPHRASE":
+            return json.dumps({"paraphrases": [f"Paraphrase {k}: {query}" for k in range(paraphrases)]})
+        return json.dumps({"negatives": [f"Other question {k} than: {query}" for k in range(negatives)]})
+
+    return responder
+
+
+def write_lexicon(tmp_path: Path, topics: int) -> Lexicon:
+    """The test lexicon with ``topics`` topics (3 aspects each), over the ``lexicon`` fixture's file."""
+    names = ["asthma", "influenza", "migraine", "eczema", "gout", "anemia", "bronchitis", "tinnitus", "psoriasis"]
+    names += ["vertigo", "shingles", "sinusitis", "insomnia", "measles", "scabies", "tetanus"]
+    raw = {**LEXICON, "topics": [{"name": name} for name in names[:topics]]}
+    (tmp_path / "data/seed/medical.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
+    return load_lexicon("medical", tmp_path / "data/seed")
+
+
+def user_prompt(body: dict[str, Any]) -> str:
+    """A request's identity on the server side: its user message (kind and original query)."""
+    return body["messages"][-1]["content"]
 
 
 # --- end to end ---------------------------------------------------------------------------------
@@ -400,7 +479,7 @@ def test_filters_in_generation(server: FakeLLM, lexicon: Lexicon) -> None:
 def test_cache_makes_second_run_free(server: FakeLLM, lexicon: Lexicon, tmp_path: Path) -> None:
     params = make_params(server)
     first = llm.generate_with_llm(params, lexicon)
-    assert len(server.requests) == 8 and len(list((tmp_path / "data/llm_cache").glob("*.json"))) == 8
+    assert len(server.requests) == 8 and len(list((tmp_path / "data/llm_cache").glob("*/*/*.json"))) == 8
     second = llm.generate_with_llm(params, lexicon)
     assert second == first and len(server.requests) == 8
     # Another server URL is the same request: still cached.
@@ -426,6 +505,183 @@ def test_concurrency_keeps_order(server: FakeLLM, lexicon: Lexicon) -> None:
         make_params(server, queries_per_domain=6, concurrency=4, cache_dir="cache4"), lexicon
     )
     assert parallel == serial and len(serial) == 6 and len(server.requests) == 24
+
+
+def test_cache_is_sharded(server: FakeLLM, lexicon: Lexicon, tmp_path: Path) -> None:
+    params = make_params(server)
+    rows = llm.generate_with_llm(params, lexicon)
+    cache = tmp_path / "data/llm_cache"
+    files = sorted(path for path in cache.rglob("*") if path.is_file())
+    assert len(files) == 8
+    client = llm.ChatClient(params.generate.openai, 7)
+    for path in files:
+        digest = path.stem
+        assert path.relative_to(cache).parts == (digest[:2], digest[2:4], f"{digest}.json")
+        request = read_json(path)["request"]
+        key = json.dumps(request, sort_keys=True, ensure_ascii=False).encode("utf-8")
+        assert hashlib.sha256(key).hexdigest() == digest
+        assert client.cache_path(request) == Path("data/llm_cache", digest[:2], digest[2:4], f"{digest}.json")
+    # A reply cached by the old flat layout (<cache_dir>/<hash>.json) is not read: asked again.
+    files[0].rename(cache / files[0].name)
+    assert llm.generate_with_llm(params, lexicon) == rows and len(server.requests) == 9
+    assert files[0].is_file() and (cache / files[0].name).is_file()
+
+
+def test_write_cache_concurrent_writers_and_stale_temps(tmp_path: Path) -> None:
+    path = tmp_path / "ab" / "cd" / "abcd.json"
+    path.parent.mkdir(parents=True)
+    (path.parent / f".{path.name}.999999999.1.tmp").write_text("half a reply")  # a killed writer's (no such pid)
+    (path.parent / ".other.json.999999999.1.tmp").write_text("another path's")
+    payloads = [{"writer": i, "text": "x" * 20000} for i in range(32)]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda data: llm.write_cache(path, data), payloads))
+    assert read_json(path) in payloads
+    assert sorted(p.name for p in path.parent.iterdir()) == [".other.json.999999999.1.tmp", path.name]
+    llm.write_cache(tmp_path / "new" / "ef" / "ef01.json", [1])  # creates its shard folders
+    assert read_json(tmp_path / "new" / "ef" / "ef01.json") == [1]
+
+
+def test_64_requests_in_flight_by_default(server: FakeLLM, lexicon: Lexicon, tmp_path: Path) -> None:
+    assert OpenAIParams().concurrency == 64 and load_params(REPO / "params.yaml").generate.openai.concurrency == 64
+    lexicon = write_lexicon(tmp_path, 16)  # 48 originals, 96 requests
+    server.fill = 64  # no reply before 64 requests are in flight (or 10 s)
+    params = make_params(server, queries_per_domain=48, concurrency=OpenAIParams().concurrency, timeout=30)
+    rows = llm.generate_with_llm(params, lexicon)
+    assert len(rows) == 48 and len(server.requests) == 96
+    assert server.full.is_set() and server.peak_in_flight == 64
+
+
+def test_progress_bar_and_counts(
+    server: FakeLLM, lexicon: Lexicon, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server.script = [Reply(status=500)]
+    with caplog.at_level(logging.INFO, logger="cachelora.llm_generation"):
+        llm.generate_with_llm(make_params(server), lexicon)
+        llm.generate_with_llm(make_params(server), lexicon)
+    ends = [r.getMessage() for r in caplog.records if " requests in " in r.getMessage()]
+    assert re.fullmatch(r"medical: 8 requests in [\d.]+ s: 0 cached, 9 sent \([\d.]+/s\), 1 of them failed .*", ends[0])
+    assert re.fullmatch(r"medical: 8 requests in [\d.]+ s: 8 cached, 0 sent \(0\.0/s\), 0 of them failed .*", ends[1])
+    err = capsys.readouterr().err
+    assert "llm medical: 100%" in err and "request/s" in err and "sent 9, cached 0" in err
+
+
+# --- triplets per query -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("anchors", "negatives", "limit"),
+    [(5, 5, 6), (3, 2, 6), (2, 5, 6), (4, 6, 24), (6, 4, 7), (3, 3, 9), (5, 5, 100), (1, 1, 6), (5, 5, 1)],
+)
+def test_pairings(anchors: int, negatives: int, limit: int) -> None:
+    a = [f"anchor {i}" for i in range(anchors)]
+    n = [f"negative {j}" for j in range(negatives)]
+    pairs = llm.pairings(a, n, limit, "7:source")
+    assert len(pairs) == min(limit, anchors * negatives) == len(set(pairs))
+    assert set(pairs) <= set(itertools.product(a, n))
+    for k in range(1, len(pairs) + 1):  # every prefix uses the anchors, and the negatives, evenly
+        for side, texts in ((0, a), (1, n)):
+            uses = Counter(pair[side] for pair in pairs[:k])
+            assert max(uses[t] for t in texts) - min(uses[t] for t in texts) <= 1
+    assert llm.pairings(a, n, limit, "7:source") == pairs
+    assert llm.pairings(a, n, limit + 5, "7:source")[: len(pairs)] == pairs  # a larger cap only appends
+
+
+def test_pairings_are_seeded() -> None:
+    a, n = [f"anchor {i}" for i in range(5)], [f"negative {j}" for j in range(5)]
+    assert llm.pairings(a, n, 6, "7:one") != llm.pairings(a, n, 6, "7:two")
+    assert llm.pairings(a, n, 6, "7:one") != llm.pairings(a, n, 6, "8:one")
+    assert llm.pairings(a, [], 6, "7:one") == llm.pairings([], n, 6, "7:one") == []
+
+
+def test_triplets_per_query(server: FakeLLM, lexicon: Lexicon) -> None:
+    server.responder = many_candidates(3, 2)
+    params = make_params(server)  # triplets_per_query: 6 by default
+    assert params.generate.openai.triplets_per_query == 6
+    rows = llm.generate_with_llm(params, lexicon)
+    originals = llm.load_originals(params, lexicon)
+    assert len(server.requests) == 8 and len(rows) == 4 * 6 == len({r["id"] for r in rows})
+    assert [r["positive"] for r in rows] == [o.query for o in originals for _ in range(6)]
+    for original in originals:
+        mine = [r for r in rows if r["source_id"] == original.source_id]
+        paraphrases = [f"Paraphrase {k}: {original.query}" for k in range(3)]
+        negatives = [f"Other question {k} than: {original.query}" for k in range(2)]
+        assert {(r["anchor"], r["negative"]) for r in mine} == set(itertools.product(paraphrases, negatives))
+        assert all(r["topic"] == original.topic and r["aspect"] == original.aspect for r in mine)
+    # The same replies (cached, or asked again) give the same rows; a cap keeps each original's first pairings.
+    assert llm.generate_with_llm(params, lexicon) == rows and len(server.requests) == 8
+    assert llm.generate_with_llm(make_params(server, cache_dir="again"), lexicon) == rows
+    capped = llm.generate_with_llm(make_params(server, triplets_per_query=4), lexicon)
+    assert capped == [r for i in range(4) for r in rows[6 * i : 6 * i + 4]]
+    for i in range(4):  # spread: every paraphrase and both negatives among the first 4
+        assert len({r["anchor"] for r in capped[4 * i : 4 * i + 4]}) == 3
+        assert len({r["negative"] for r in capped[4 * i : 4 * i + 4]}) == 2
+    assert llm.generate_with_llm(make_params(server, triplets_per_query=50), lexicon) == rows
+    assert len(llm.generate_with_llm(make_params(server, triplets_per_query=1), lexicon)) == 4
+    assert len(server.requests) == 16
+
+
+def test_negative_like_any_paraphrase_is_dropped(server: FakeLLM, lexicon: Lexicon) -> None:
+    def responder(kind: str, query: str) -> str:
+        if kind == "PARAPHRASE":
+            return json.dumps({"paraphrases": [paraphrase_of(query), f"Please tell me: {query}"]})
+        return json.dumps({"negatives": [f"Please tell me: {query}", f"Please, tell me {query}", negative_of(query)]})
+
+    server.responder = responder
+    rows = llm.generate_with_llm(make_params(server, queries_per_domain=1), lexicon)
+    assert len(rows) == 2 and {r["negative"] for r in rows} == {negative_of(rows[0]["positive"])}
+
+
+# --- restart after SIGKILL ----------------------------------------------------------------------
+
+RUN = """
+import json, sys
+from cachelora.lexicon import load_lexicon
+from cachelora.llm_generation import generate_with_llm
+from cachelora.params import Params
+from cachelora.records import write_jsonl
+params = Params.model_validate(json.loads(sys.argv[1]))
+write_jsonl(sys.argv[2], generate_with_llm(params, load_lexicon("medical", "data/seed")))
+"""
+
+
+def test_restart_after_sigkill_sends_only_missing_requests(server: FakeLLM, lexicon: Lexicon, tmp_path: Path) -> None:
+    lexicon = write_lexicon(tmp_path, 10)  # 30 originals, 60 requests
+    server.responder = many_candidates(3, 2)
+    settings = {"queries_per_domain": 30, "concurrency": 8, "timeout": 60}
+    reference = llm.generate_with_llm(make_params(server, cache_dir="reference", **settings), lexicon)
+    everything = {user_prompt(body) for body in server.requests}
+    assert len(everything) == len(server.requests) == 60 and len(reference) == 180
+    server.requests.clear()
+    server.answered.clear()
+
+    params = make_params(server, cache_dir="cache", **settings).model_dump(mode="json", by_alias=True)
+    command = [sys.executable, "-c", RUN, json.dumps(params), "out.jsonl"]
+    cache = tmp_path / "cache"
+    server.hold_after = 20  # answer 20 requests, then hold the rest (never answered)
+    first = subprocess.Popen(command, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(cache.glob("*/*/*.json"))) < 20:  # every answered reply cached
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert first.returncode == -signal.SIGKILL and not (tmp_path / "out.jsonl").exists()
+    cached = {user_prompt(read_json(path)["request"]) for path in cache.glob("*/*/*.json")}
+    assert len(cached) == 20 and cached == {user_prompt(body) for body in server.answered}
+    sent_first = len(server.requests)
+    assert 20 <= sent_first <= 28  # the 20 answered, and up to 8 held in flight when killed
+
+    server.hold_after = None
+    server.gate.set()  # the held requests end unanswered
+    subprocess.run(command, cwd=tmp_path, check=True, timeout=300)
+    resent = [user_prompt(body) for body in server.requests[sent_first:]]
+    assert len(resent) == len(set(resent)) == 40 and set(resent) == everything - cached
+    answered = Counter(user_prompt(body) for body in server.answered)
+    assert set(answered) == everything and set(answered.values()) == {1}  # each request answered once in all
+    assert read_jsonl(tmp_path / "out.jsonl") == reference
+    assert not list(cache.rglob("*.tmp"))
 
 
 # --- originals and prompts ----------------------------------------------------------------------

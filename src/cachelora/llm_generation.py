@@ -1,8 +1,10 @@
 """The ``openai`` generation backend: triplets from an OpenAI-compatible chat-completions server.
 
-Each original query gets two requests, one for paraphrases (the anchor) and one for same-topic,
-different-intent questions (the negative); the original itself is the positive. Replies are cached
-on disk by a hash of the request, so an interrupted run resumes and a repeated run sends nothing.
+Each original query gets two requests, one for paraphrases (the anchors) and one for same-topic,
+different-intent questions (the negatives); the original itself is the positive. Every passing
+anchor x negative pairing is a triplet, up to ``triplets_per_query`` in a seeded order. Replies are
+cached on disk by a hash of the request, sharded by its first hex digits (``<cache_dir>/ab/cd/<hash>.json``),
+so an interrupted (even killed) run resumes and a repeated run sends nothing.
 """
 
 from __future__ import annotations
@@ -12,26 +14,34 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import random
 import re
+import ssl
 import threading
+import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass
+from functools import partial
+from math import lcm
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import httpx2
 import openai
-from openai.types.chat import ChatCompletion
 from tqdm import tqdm
 
 from cachelora.errors import CacheloraError
 from cachelora.lexicon import PLACEHOLDER_RE, Lexicon, render
 from cachelora.params import OpenAIParams, Params
-from cachelora.records import read_json, read_yaml, write_json
+from cachelora.records import read_json, read_yaml, remove_stale_temps
 from cachelora.triplets import concept_id, make_record, normalise, stable_id
 
 log = logging.getLogger(__name__)
+R = TypeVar("R")
 
 PROMPT_DIR = Path("data/prompts")
 PROMPT_KEYS = ("system", "paraphrase", "negative")
@@ -198,6 +208,8 @@ def filter_candidates(
     dropped: Counter[str] = Counter()
     seen: set[str] = set()
     avoid_norm = [normalise(text) for text in (original, *avoid)]
+    # One matcher per text to avoid, as its second sequence: difflib indexes that one, once.
+    matchers = [] if near is None else [difflib.SequenceMatcher(None, "", a) for a in avoid_norm]
     for text in candidates:
         norm = normalise(text)
         if not norm:
@@ -208,9 +220,7 @@ def filter_candidates(
             reason = "too_long"
         elif is_placeholder(text, original):
             reason = "placeholder"
-        elif norm in avoid_norm or (
-            near is not None and any(difflib.SequenceMatcher(None, norm, a).ratio() >= near for a in avoid_norm)
-        ):
+        elif norm in avoid_norm or any(_near(m, norm, near or 0.0) for m in matchers):
             reason = "same_as_original"
         elif norm in seen:
             reason = "duplicate"
@@ -222,33 +232,118 @@ def filter_candidates(
     return kept, dropped
 
 
+def _near(matcher: difflib.SequenceMatcher[str], text: str, near: float) -> bool:
+    """``SequenceMatcher(None, text, b).ratio() >= near`` (``b``: the matcher's second sequence).
+
+    The full ratio is computed only when its two cheaper upper bounds reach ``near``.
+    """
+    matcher.set_seq1(text)
+    return matcher.real_quick_ratio() >= near and matcher.quick_ratio() >= near and matcher.ratio() >= near
+
+
+def pairings(anchors: Sequence[str], negatives: Sequence[str], limit: int, key: str) -> list[tuple[str, str]]:
+    """Up to ``limit`` distinct (anchor, negative) pairs of ``anchors`` x ``negatives``, in a seeded, spread-out order.
+
+    Both lists are shuffled by ``random.Random(key)``; pair ``t`` is then (anchor ``t mod A``, negative
+    ``(t + t // lcm(A, N)) mod N``), which visits every pairing once and uses each anchor and each
+    negative as evenly as possible in every prefix: with 5 x 5 candidates and ``limit`` 6, all five
+    anchors and all five negatives appear. The same inputs and ``key`` give the same pairs.
+    """
+    rng = random.Random(f"{key}:pairs")
+    anchors, negatives = rng.sample(list(anchors), len(anchors)), rng.sample(list(negatives), len(negatives))
+    a, n = len(anchors), len(negatives)
+    if not a or not n:
+        return []
+    period = lcm(a, n)
+    return [(anchors[t % a], negatives[(t + t // period) % n]) for t in range(min(limit, a * n))]
+
+
 # --- the client ---------------------------------------------------------------------------------
 
 
+def write_cache(path: Path, data: Any) -> None:
+    """Write ``data`` as compact JSON to ``path`` atomically: a temp file beside it, then a rename.
+
+    Concurrent writers of one path each rename a whole file into place, and a killed writer leaves no
+    partial ``path``. Its temp is named as ``records.atomic_path`` names them (``.<name>.<pid>.<n>.tmp``),
+    and removed by ``records.remove_stale_temps`` when the path is written again. Unlike
+    ``records.write_json`` (indented, so the pure-Python encoder, and a pattern compiled per call to
+    scan the folder), this costs a few syscalls, not ~1 ms of CPU per reply.
+    """
+    folder, prefix = path.parent, f".{path.name}."
+    try:
+        with os.scandir(folder) as entries:  # a shard folder holds a few files
+            if any(entry.name.startswith(prefix) for entry in entries):
+                remove_stale_temps(path)
+    except FileNotFoundError:
+        folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f"{prefix}{os.getpid()}.{threading.get_ident()}.tmp"
+    try:
+        tmp.write_text(json.dumps(data, ensure_ascii=False, sort_keys=True), encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 class ChatClient:
-    """Chat completions with a disk cache; the SDK retries failed requests. Safe to share between threads."""
+    """Chat completions with a disk cache; the SDK retries failed requests. Safe to share between threads.
+
+    Each thread gets its own SDK client (one connection pool each, sharing one TLS context): with one
+    pool shared by 64 threads, the pool's bookkeeping (a scan of every connection, twice per request)
+    took ~15 % of the CPU.
+    """
 
     def __init__(self, cfg: OpenAIParams, seed: int) -> None:
         self.cfg = cfg
         self.seed = seed
         self.url = f"{cfg.base_url.rstrip('/')}/chat/completions"
-        self.client = openai.OpenAI(
-            base_url=cfg.base_url,
-            api_key=os.environ.get(cfg.api_key_env) or "EMPTY",
-            timeout=cfg.timeout,
-            max_retries=cfg.retries,
-        )
         self.stats: Counter[str] = Counter()
         self._lock = threading.Lock()
+        self._local = threading.local()
+        self._clients: list[openai.OpenAI] = []
+        self._tls: ssl.SSLContext | None = None
+
+    @property
+    def client(self) -> openai.OpenAI:
+        """This thread's SDK client."""
+        client = getattr(self._local, "client", None)
+        if client is None:
+            with self._lock:
+                if self._tls is None:  # what each client would build (trust_env: SSL_CERT_FILE etc.)
+                    self._tls = httpx2.create_ssl_context()
+            client = self._local.client = openai.OpenAI(
+                base_url=self.cfg.base_url,
+                api_key=os.environ.get(self.cfg.api_key_env) or "EMPTY",
+                timeout=self.cfg.timeout,
+                max_retries=self.cfg.retries,
+                http_client=openai.DefaultHttpxClient(verify=self._tls),
+            )
+            with self._lock:
+                self._clients.append(client)
+        return client
+
+    def close(self) -> None:
+        """Close every thread's client (and its connections)."""
+        with self._lock:
+            clients, self._clients = self._clients, []
+            self._local = threading.local()
+        for client in clients:
+            client.close()
 
     def _count(self, what: str, n: int = 1) -> None:
         with self._lock:
             self.stats[what] += n
 
     def cache_path(self, request: dict[str, Any]) -> Path:
-        """Where a request's reply is cached: a hash of the whole request (not of the server URL)."""
+        """Where a request's reply is cached: ``<cache_dir>/ab/cd/<hash>.json``, ``hash`` the sha256 of the
+        whole request (not of the server URL), ``ab`` and ``cd`` its first four hex digits.
+
+        Two levels of 256 folders keep each folder small (~8 files at 500k requests; a flat folder
+        made every atomic write's scan for stale temps slow).
+        """
         digest = hashlib.sha256(json.dumps(request, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
-        return Path(self.cfg.cache_dir) / f"{digest}.json"
+        return Path(self.cfg.cache_dir, digest[:2], digest[2:4], f"{digest}.json")
 
     def ask(self, messages: list[dict[str, str]], key: str) -> list[str]:
         """The strings under ``key`` in the reply to ``messages``, from the cache or the server.
@@ -256,7 +351,10 @@ class ChatClient:
         The SDK retries timeouts, connection errors and HTTP 408/409/429/5xx ``retries`` times, with
         its exponential backoff (or the server's Retry-After); other HTTP errors fail at once. An
         unparseable reply is asked again up to ``retries`` times with ``seed + attempt``, so that a
-        server honouring the seed does not repeat it.
+        server honouring the seed does not repeat it. ``stats`` counts replies from the cache
+        (``cached``), HTTP requests sent (``sent``, retries included) and those of them that gave no
+        usable reply (``failed``). The reply is cached atomically (temp file + rename), so concurrent
+        writers and a killed run leave either the whole reply or none.
         """
         cfg = self.cfg
         request = {"model": cfg.model, "messages": messages, "temperature": cfg.temperature, "seed": self.seed}
@@ -275,26 +373,30 @@ class ChatClient:
                 log.warning("%s: %s; asking again (%d/%d)", self.url, problem, attempt, cfg.retries)
             sent = {**request, "seed": self.seed + attempt}
             try:
-                raw = self.client.chat.completions.with_raw_response.create(**sent)
-                self._count("sent", 1 + raw.retries_taken)
-                completion = raw.parse()
-                if not isinstance(completion, ChatCompletion):  # the SDK passes non-object bodies through
-                    raise UnparseableReply("response body is not a chat completion")
-                response = completion.model_dump(mode="json", exclude_unset=True)
-                items = extract_strings(reply_text(response), key)
+                # client.post, not chat.completions.create: the same request, retries and errors, without
+                # the SDK's per-request walk of the typed params and model parse (most of its CPU time).
+                http = self.client.post("/chat/completions", cast_to=httpx2.Response, body=sent)
             except (openai.APIStatusError, openai.APIConnectionError) as exc:
                 raise self._failed(exc) from None
-            except (UnparseableReply, json.JSONDecodeError) as exc:
+            retries = _retries_taken(http.request)
+            self._count("sent", 1 + retries)
+            self._count("failed", retries)
+            try:
+                response = http.json()
+                items = extract_strings(reply_text(response), key)
+            except ValueError as exc:  # UnparseableReply, or a body that is not JSON
+                self._count("failed")
                 problem = f"unparseable reply ({exc})"
             else:
-                write_json(path, {"request": sent, "response": response})
+                write_cache(path, {"request": sent, "response": response})
                 return items
         raise CacheloraError(f"{self.url}: no usable reply after {cfg.retries + 1} attempts (last: {problem})")
 
     def _failed(self, exc: openai.APIStatusError | openai.APIConnectionError) -> CacheloraError:
         """The error for a request the SDK gave up on: at once (an HTTP error it does not retry) or after retries."""
-        # The SDK numbers its retries in a request header; the last request's number tells how many it sent.
-        attempts = 1 + int(exc.request.headers.get("x-stainless-retry-count", "0"))
+        attempts = 1 + _retries_taken(exc.request)
+        self._count("sent", attempts)
+        self._count("failed", attempts)
         if isinstance(exc, openai.APIStatusError):
             if attempts == 1:
                 hint = f"; is ${self.cfg.api_key_env} set?" if exc.status_code in (401, 403) else ""
@@ -307,6 +409,11 @@ class ChatClient:
         return CacheloraError(f"{self.url}: no usable reply after {attempts} attempts (last: {problem})")
 
 
+def _retries_taken(request: httpx2.Request) -> int:
+    """How many times the SDK retried before ``request``: it numbers its retries in a request header."""
+    return int(request.headers.get("x-stainless-retry-count", "0"))
+
+
 def _short(text: str, limit: int = 200) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
@@ -315,72 +422,149 @@ def _short(text: str, limit: int = 200) -> str:
 # --- the backend --------------------------------------------------------------------------------
 
 
-def generate_with_llm(params: Params, lexicon: Lexicon) -> list[dict[str, Any]]:
-    """One triplet per original query of ``lexicon.domain``, in the originals' order.
+def run_requests(
+    ask: Callable[[int], R], count: int, concurrency: int, desc: str, status: Callable[[], str] | None = None
+) -> Iterator[tuple[int, R]]:
+    """``(i, ask(i))`` for ``i`` in ``range(count)`` as the calls end, ``concurrency`` of them in flight.
 
-    anchor = the first paraphrase that passes the filters, positive = the original, negative = the
-    first passing same-topic, different-intent question. Originals lacking either are skipped.
+    The calls run on a thread pool, handed to it a window (twice ``concurrency``) at a time so that
+    memory stays flat however many there are. A tqdm bar counts them (its rate is requests/s, with an
+    ETA), ``status()`` after it. The first exception cancels the calls not started yet and is raised
+    once those running have ended; so does closing the generator.
     """
-    domain = lexicon.domain
-    cfg = params.generate.openai
-    lengths = (params.validate_.min_chars, params.validate_.max_chars)
-    prompts = load_prompts(cfg.prompt_version, domain)
-    originals = load_originals(params, lexicon)
-    client = ChatClient(cfg, params.generate.seed)
-    jobs = [(i, kind) for i in range(len(originals)) for kind in REPLY_KEYS]
-    replies: dict[tuple[int, str], list[str]] = {}
-    log.info("%s: asking %s at %s about %d original queries", domain, cfg.model, cfg.base_url, len(originals))
-    with ThreadPoolExecutor(max_workers=cfg.concurrency) as pool:
-        futures = {
-            pool.submit(client.ask, build_messages(prompts, kind, originals[i].query), REPLY_KEYS[kind]): (i, kind)
-            for i, kind in jobs
-        }
+    done: queue.SimpleQueue[tuple[int, Future[R]]] = queue.SimpleQueue()
+    with (
+        ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="llm") as pool,
+        tqdm(total=count, desc=desc, unit="request", smoothing=0.05) as bar,
+    ):
+        pending: set[Future[R]] = set()
+        submitted = 0
         try:
-            for future in tqdm(as_completed(futures), total=len(futures), desc=f"llm {domain}", unit="request"):
-                replies[futures[future]] = future.result()
+            while pending or submitted < count:
+                while submitted < count and len(pending) < 2 * concurrency:
+                    future = pool.submit(ask, submitted)
+                    future.add_done_callback(partial(_put, done, submitted))
+                    pending.add(future)
+                    submitted += 1
+                index, future = done.get()
+                pending.discard(future)
+                result = future.result()
+                bar.update()
+                if status is not None:
+                    bar.set_postfix_str(status(), refresh=False)
+                yield index, result
         except BaseException:
+            for future in pending:
+                future.cancel()
             pool.shutdown(cancel_futures=True)
             raise
 
+
+def _put(done: queue.SimpleQueue[tuple[int, Future[R]]], index: int, future: Future[R]) -> None:
+    done.put((index, future))
+
+
+def generate_with_llm(params: Params, lexicon: Lexicon) -> list[dict[str, Any]]:
+    """Up to ``generate.openai.triplets_per_query`` triplets per original query of ``lexicon.domain``,
+    in the originals' order.
+
+    positive = the original; anchors = its paraphrases that pass the filters; negatives = its passing
+    same-topic, different-intent questions that are not (near) copies of the original or of any passing
+    paraphrase. Each anchor x negative pairing is a triplet, taken in ``pairings``' order (seeded by
+    ``generate.seed`` and the original's id) up to the cap. Originals lacking either are skipped, and
+    a triplet equal to an earlier one (two originals with the same text) is kept once. An original's
+    triplets are made as soon as both its replies are in, while other requests are still in flight.
+    """
+    domain = lexicon.domain
+    cfg = params.generate.openai
+    seed = params.generate.seed
+    lengths = (params.validate_.min_chars, params.validate_.max_chars)
+    prompts = load_prompts(cfg.prompt_version, domain)
+    originals = load_originals(params, lexicon)
     generator = {"backend": "openai", "model": cfg.model, "prompt_version": cfg.prompt_version}
-    rows: list[dict[str, Any]] = []
     dropped: Counter[str] = Counter()
     skipped: Counter[str] = Counter()
-    for i, original in enumerate(originals):
-        paraphrases, why = filter_candidates(replies[i, "paraphrase"], original.query, *lengths)
+
+    def triplets(original: Original, replies: dict[str, list[str]]) -> list[dict[str, Any]]:
+        paraphrases, why = filter_candidates(replies["paraphrase"], original.query, *lengths)
         dropped.update({f"paraphrase {k}": v for k, v in why.items()})
         if not paraphrases:
             skipped["no paraphrase"] += 1
-            continue
-        anchor = paraphrases[0]
+            return []
         negatives, why = filter_candidates(
-            replies[i, "negative"], original.query, *lengths, avoid=(anchor,), near=NEAR_DUPLICATE
+            replies["negative"], original.query, *lengths, avoid=tuple(paraphrases), near=NEAR_DUPLICATE
         )
         dropped.update({f"negative {k}": v for k, v in why.items()})
         if not negatives:
             skipped["no negative"] += 1
-            continue
-        rows.append(
+            return []
+        pairs = pairings(paraphrases, negatives, cfg.triplets_per_query, f"{seed}:{original.source_id}")
+        return [
             make_record(
                 domain,
                 anchor=anchor,
                 positive=original.query,
-                negative=negatives[0],
+                negative=negative,
                 source_id=original.source_id,
                 generator=generator,
                 topic=original.topic,
                 aspect=original.aspect,
             )
+            for anchor, negative in pairs
+        ]
+
+    client = ChatClient(cfg, seed)
+    kinds = list(REPLY_KEYS)
+
+    def ask(job: int) -> list[str]:
+        original, kind = originals[job // len(kinds)], kinds[job % len(kinds)]
+        return client.ask(build_messages(prompts, kind, original.query), REPLY_KEYS[kind])
+
+    def status() -> str:
+        return f"sent {client.stats['sent']}, cached {client.stats['cached']}"
+
+    count = len(originals) * len(kinds)
+    by_original: list[list[dict[str, Any]]] = [[] for _ in originals]
+    waiting: dict[int, dict[str, list[str]]] = {}  # originals with one reply in
+    log.info("%s: asking %s at %s about %d original queries", domain, cfg.model, cfg.base_url, len(originals))
+    start = time.perf_counter()
+    try:
+        with closing(run_requests(ask, count, cfg.concurrency, f"llm {domain}", status)) as results:
+            for job, reply in results:
+                i = job // len(kinds)
+                replies = waiting.setdefault(i, {})
+                replies[kinds[job % len(kinds)]] = reply
+                if len(replies) == len(kinds):
+                    by_original[i] = triplets(originals[i], waiting.pop(i))
+    finally:
+        client.close()
+        wall = time.perf_counter() - start
+        log.info(
+            "%s: %d requests in %.1f s: %d cached, %d sent (%.1f/s), %d of them failed (retried or given up)",
+            domain,
+            count,
+            wall,
+            client.stats["cached"],
+            client.stats["sent"],
+            client.stats["sent"] / wall if wall else 0.0,
+            client.stats["failed"],
         )
+
+    rows: list[dict[str, Any]] = []
+    ids: set[str] = set()
+    for row in (row for group in by_original for row in group):
+        if row["id"] in ids:
+            skipped["repeated triplet"] += 1
+            continue
+        ids.add(row["id"])
+        rows.append(row)
     log.info(
-        "%s: %d triplets from %d originals (skipped: %s; candidates dropped: %s; requests sent %d, cached %d)",
+        "%s: %d triplets from %d originals (skipped: %s; candidates dropped: %s)",
         domain,
         len(rows),
         len(originals),
         _counts(skipped),
         _counts(dropped),
-        client.stats["sent"],
-        client.stats["cached"],
     )
     return rows
 

@@ -25,11 +25,12 @@ class OpenAIParams(_Strict):
     model: str = "gpt-4o-mini"
     api_key_env: str = "OPENAI_API_KEY"
     prompt_version: str = "v1"
-    concurrency: int = Field(4, ge=1)
+    concurrency: int = Field(64, ge=1)
     timeout: float = Field(60.0, gt=0)
     retries: int = Field(4, ge=0)
     temperature: float = Field(0.7, ge=0)
     queries_per_domain: int = Field(200, ge=1)
+    triplets_per_query: int = Field(6, ge=1)
     cache_dir: str = "data/llm_cache"
 
 
