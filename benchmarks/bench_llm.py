@@ -121,6 +121,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, help="generate.openai.concurrency (default 64)")
     parser.add_argument("--delay", type=float, help="server delay per request, seconds (default 0.2)")
     parser.add_argument("--rounds", type=int, help="runs on an empty cache (default 3; the median is the headline)")
+    parser.add_argument("--slow-delay", type=float, help="one more run at this delay (default 1.0 s; 0: none)")
     parser.add_argument("--domain", default="medical", help="lexicon the originals come from")
     parser.add_argument("--out")
     parser.add_argument("--quick", action="store_true", help="64 requests, concurrency 16, 1 round (a smoke test)")
@@ -138,6 +139,7 @@ def main() -> None:
     concurrency = opts.concurrency or (16 if opts.quick else 64)
     delay = opts.delay if opts.delay is not None else 0.2
     rounds = opts.rounds or (1 if opts.quick else 3)
+    slow_delay = opts.slow_delay if opts.slow_delay is not None else (0.0 if opts.quick else 1.0)
     lexicon = load_lexicon(opts.domain)
     server = Server(delay)
     threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
@@ -145,13 +147,19 @@ def main() -> None:
     raw["generate"].update(backend="openai", queries_file=None)
     settings = {"base_url": server.url, "model": "bench-model", "concurrency": concurrency, "retries": 0,
                 "queries_per_domain": requests // 2}  # fmt: skip
-    runs = []
+    runs, slow = [], None
     try:
         with tempfile.TemporaryDirectory(prefix="bench_llm.") as tmp:
             for r in range(rounds):  # each on an empty cache
                 raw["generate"]["openai"].update(settings, cache_dir=f"{tmp}/cache{r}")
                 runs.append(run(Params.model_validate(raw), lexicon, server))
             cached = run(Params.model_validate(raw), lexicon, server)  # the last round's cache, full
+            if slow_delay:  # the same at a slower, more LLM-like latency
+                server.delay = slow_delay
+                raw["generate"]["openai"].update(cache_dir=f"{tmp}/cache_slow")
+                slow = run(Params.model_validate(raw), lexicon, server)
+                slow.pop("rows")
+                slow.update(delay_s=slow_delay, ratio=slow["requests_per_s"] / (concurrency / slow_delay))
     finally:
         server.shutdown()
         server.server_close()
@@ -166,13 +174,15 @@ def main() -> None:
         "requests": requests, "originals": requests // 2, "triplets": len(rows), "concurrency": concurrency,
         "delay_s": delay, "requests_per_s": rate, "ideal_requests_per_s": ideal, "ratio": ratio,
         "target_ratio": TARGET, "meets_target": ratio >= TARGET, "runs": runs, "cached_run": cached,
-        "cached_requests_per_s": cached_rate, "rounds": rounds, "timing": TIMING, "domain": opts.domain,
-        "quick": opts.quick, "openai": openai.__version__, "cpu": cpu_info(),
+        "cached_requests_per_s": cached_rate, "slow_run": slow, "rounds": rounds,
+        "timing": TIMING, "domain": opts.domain, "quick": opts.quick, "openai": openai.__version__,
+        "cpu": cpu_info(),
     }  # fmt: skip
     finish("llm", opts.out, info, [
         ("requests/s (empty cache, median)", f"{rate:.1f}"),
         (f"ratio to ideal concurrency/delay (target ≥ {TARGET})", f"{ratio:.3f}"),
         ("cached requests/s", f"{cached_rate:.0f}"),
+        *([(f"ratio at delay {slow_delay:g} s (one run)", f"{slow['ratio']:.3f}")] if slow else []),
         ("setup", f"{requests} requests, concurrency {concurrency}, delay {delay:g} s, "
                   f"peak {max(r['peak_in_flight_at_server'] for r in runs)} in flight at the server"),
     ])  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import itertools
 import json
@@ -447,6 +448,22 @@ def test_filter_near_identical_negative() -> None:
     assert kept == ["Can kids outgrow asthma?"] and dropped == {"same_as_original": 2}
     # Without ``near`` only exact (normalised) copies go.
     assert llm.filter_candidates(candidates[:1], original, 8, 200)[0] == candidates[:1]
+
+
+def test_near_copy_is_difflib_ratio() -> None:
+    rng = random.Random(0)
+    words = ["what", "is", "the", "of", "asthma", "symptoms", "treated", "how", "can", "i", "flu", "why", "do"]
+
+    def sentence() -> str:
+        return " ".join(rng.choice(words) for _ in range(rng.randint(0, 8)))
+
+    for _ in range(500):
+        texts = [sentence() for _ in range(rng.randint(1, 6))]
+        near = rng.choice([0.5, 0.8, 0.9, 1.0])
+        check = llm.NearCopy(texts, near)
+        for _ in range(4):
+            text = sentence() if rng.random() < 0.6 else rng.choice(texts).replace("a", "e", 1)
+            assert check(text) == any(difflib.SequenceMatcher(None, text, t).ratio() >= near for t in texts)
 
 
 def test_placeholder_in_original_is_allowed() -> None:

@@ -208,8 +208,7 @@ def filter_candidates(
     dropped: Counter[str] = Counter()
     seen: set[str] = set()
     avoid_norm = [normalise(text) for text in (original, *avoid)]
-    # One matcher per text to avoid, as its second sequence: difflib indexes that one, once.
-    matchers = [] if near is None else [difflib.SequenceMatcher(None, "", a) for a in avoid_norm]
+    near_check = None if near is None else NearCopy(avoid_norm, near)
     for text in candidates:
         norm = normalise(text)
         if not norm:
@@ -220,7 +219,7 @@ def filter_candidates(
             reason = "too_long"
         elif is_placeholder(text, original):
             reason = "placeholder"
-        elif norm in avoid_norm or any(_near(m, norm, near or 0.0) for m in matchers):
+        elif norm in avoid_norm or (near_check is not None and near_check(norm)):
             reason = "same_as_original"
         elif norm in seen:
             reason = "duplicate"
@@ -232,13 +231,38 @@ def filter_candidates(
     return kept, dropped
 
 
-def _near(matcher: difflib.SequenceMatcher[str], text: str, near: float) -> bool:
-    """``SequenceMatcher(None, text, b).ratio() >= near`` (``b``: the matcher's second sequence).
+class NearCopy:
+    """``NearCopy(texts, near)(text)``: whether ``SequenceMatcher(None, text, t).ratio() >= near`` for some
+    ``t`` in ``texts``.
 
-    The full ratio is computed only when its two cheaper upper bounds reach ``near``.
+    The same answer as asking difflib pair by pair, cheaper: the ratio is computed only where its
+    upper bounds (difflib's ``real_quick_ratio`` and ``quick_ratio``, here from character counts
+    made once per text) reach ``near``, and each ``t`` is indexed by difflib once, when first needed.
     """
-    matcher.set_seq1(text)
-    return matcher.real_quick_ratio() >= near and matcher.quick_ratio() >= near and matcher.ratio() >= near
+
+    def __init__(self, texts: Sequence[str], near: float) -> None:
+        self.near = near
+        self.texts = [(t, len(t), Counter(t)) for t in texts]
+        self.matchers: dict[int, difflib.SequenceMatcher[str]] = {}
+
+    def __call__(self, text: str) -> bool:
+        size, counts = len(text), Counter(text)
+        for i, (other, other_size, other_counts) in enumerate(self.texts):
+            total = size + other_size
+            if not total:
+                return True  # two empty strings: ratio 1.0
+            if 2.0 * min(size, other_size) / total < self.near:
+                continue
+            shared = sum(min(n, other_counts[ch]) for ch, n in counts.items() if ch in other_counts)
+            if 2.0 * shared / total < self.near:
+                continue
+            matcher = self.matchers.get(i)
+            if matcher is None:
+                matcher = self.matchers[i] = difflib.SequenceMatcher(None, "", other)
+            matcher.set_seq1(text)
+            if matcher.ratio() >= self.near:
+                return True
+        return False
 
 
 def pairings(anchors: Sequence[str], negatives: Sequence[str], limit: int, key: str) -> list[tuple[str, str]]:
