@@ -276,7 +276,7 @@ def test_verify_catches_a_stale_lock_a_stale_header_and_a_missing_model(pipeline
         proc = run(repo, "cachelora", "verify", check=False)
         text = proc.stdout
         assert proc.returncode == 1, text
-        assert "dvc.lock: stage 'evaluate': params params.yaml: evaluate.bootstrap modified (`dvc status`)" in text
+        assert "dvc.lock: stage 'evaluate': deps params.yaml: evaluate modified (`dvc status`)" in text
         assert "dvc.lock: stage 'evaluate': deps src/cachelora/replay.py: modified (`dvc status`)" in text
         assert "models/multi: model directory missing" in text
         assert "params digest" in text and "differs from params.yaml now" in text
