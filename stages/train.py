@@ -4,10 +4,11 @@ import click
 
 from cachelora import paths
 from cachelora.adapters import save_adapter
+from cachelora.distillation import load_teacher, teacher_file
 from cachelora.entrypoint import user_errors
 from cachelora.params import load_params
 from cachelora.records import write_json
-from cachelora.training import FINAL_LOSS, train_model, training_files
+from cachelora.training import FINAL_LOSS, train_model, training_domains, training_files
 
 
 @click.command()
@@ -16,7 +17,13 @@ from cachelora.training import FINAL_LOSS, train_model, training_files
 def main(name: str) -> None:
     params = load_params()
     params.check_model(name)
-    trained = train_model(name, params, training_files(name, params))
+    distill = params.train.distill
+    teacher = (
+        load_teacher([teacher_file(d) for d in training_domains(name, params)], distill.teacher)
+        if distill.weight > 0
+        else None
+    )
+    trained = train_model(name, params, training_files(name, params), teacher)
     save_adapter(trained.model, paths.model_dir(name), params.base_model, trained.info, trained.probe)
     # The adapter directory holds only what the inputs determine; timings and other run facts go here.
     summary = {key: trained.info[key] for key in ("triplets", "steps", FINAL_LOSS)} | trained.run

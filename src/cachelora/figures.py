@@ -72,3 +72,18 @@ def replay_curves(
             ax.grid(alpha=0.3)
     axes[0][0].legend(loc="lower left", fontsize=8)
     _save(fig, path)
+
+
+def cost_quality(cost: dict[str, Any], metrics: dict[str, Any], path: Path) -> None:
+    """CPU ms/query (batch 32, log scale) against natural-test AP, one labelled point per model."""
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for name, figures in cost["models"].items():
+        x, y = figures["ms_per_query_batch_32"], metrics[name]["natural_test"]["all"]["average_precision"]
+        ax.scatter(x, y, s=max(20.0, figures["parameters"] / 1e6))
+        ax.annotate(f"{name} ({figures['parameters'] / 1e6:.0f} M)", (x, y), textcoords="offset points", xytext=(5, 5))
+    ax.set_xscale("log")
+    ax.set_xlabel("CPU ms per query, batch 32 (this run)")
+    ax.set_ylabel("natural test AP (all domains)")
+    ax.set_title("cost against quality")
+    ax.grid(alpha=0.3)
+    _save(fig, path)

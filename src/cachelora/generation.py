@@ -9,6 +9,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from cachelora.corpus import corpus_triplets, read_corpus
 from cachelora.lexicon import Lexicon, Topic, load_lexicons, render
 from cachelora.params import Params, SplitParams
 from cachelora.records import write_jsonl
@@ -136,13 +137,17 @@ def split_counts(total: int, params: SplitParams) -> dict[str, int]:
 
 
 def generate_offline(params: Params, domain: str, lexicons: dict[str, Lexicon]) -> list[dict[str, Any]]:
-    """Each split's share of ``triplets_per_domain``, from that split's topics and templates only."""
+    """Each split's share of ``triplets_per_domain``, from that split's topics and templates only, then
+    the domain's curated corpus (``generate.corpus``) placed by the same plan."""
     gen = params.generate
     plan = SplitPlan.of(lexicons, params.split)
     rows = []
     for split, count in split_counts(gen.triplets_per_domain, params.split).items():
         generator = OfflineGenerator(lexicons[domain], gen.seed, gen.sibling_negative_fraction, plan, split)
         rows += generator.generate(count)
+    if gen.corpus:
+        originals = read_corpus(Path(gen.corpus) / f"{domain}.jsonl", domain)
+        rows += corpus_triplets(originals, gen.corpus_triplets_per_query, gen.seed, plan, params.split)
     return rows
 
 

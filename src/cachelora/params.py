@@ -39,6 +39,8 @@ class GenerateParams(_Strict):
     seed: int = 42
     triplets_per_domain: int = Field(1200, ge=1)
     sibling_negative_fraction: float = Field(0.2, ge=0, le=1)
+    corpus: str | None = "data/corpus"  # offline backend: natural originals, <corpus>/<domain>.jsonl (null = none)
+    corpus_triplets_per_query: int = Field(6, ge=1)
     queries_file: str | None = None
     openai: OpenAIParams = OpenAIParams()
 
@@ -71,7 +73,19 @@ class LoraParams(_Strict):
     rank: int = Field(8, gt=0)
     alpha: float = Field(16, gt=0)
     dropout: float = Field(0.1, ge=0, lt=1)
-    target_modules: list[str] = Field(["query", "key", "value"], min_length=1)
+    target_modules: Literal["auto"] | list[str] = "auto"  # auto: the architecture's attention projections
+
+    @model_validator(mode="after")
+    def _some_target(self) -> LoraParams:
+        if not self.target_modules:
+            raise ValueError("target_modules: name at least one module, or auto")
+        return self
+
+
+class DistillParams(_Strict):
+    teacher: str = "all-mpnet-base-v2"  # embeds every train text in the teacher stage
+    weight: float = Field(1.0, ge=0)  # x the in-batch cosine-matrix MSE beside MNRL; 0 = MNRL alone
+    batch_size: int = Field(64, ge=1)  # teacher encoding
 
 
 class TrainParams(_Strict):
@@ -85,6 +99,7 @@ class TrainParams(_Strict):
     device: str = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     threads: int = Field(0, ge=0)
+    distill: DistillParams = DistillParams()
 
 
 class MergeParams(_Strict):
@@ -112,6 +127,9 @@ class EvaluateParams(_Strict):
     bootstrap: int = Field(1000, ge=100)
     seed: int = 42
     batch_size: int = Field(128, ge=1)
+    # Models scored beside the pipeline's (no adapter, own val thresholds): is a bigger model the answer?
+    reference_models: list[str] = ["all-mpnet-base-v2"]
+    cost_repeats: int = Field(3, ge=1)  # timed passes per batch size (the median is reported)
 
 
 class Params(_Strict):

@@ -6,6 +6,7 @@ from pathlib import Path
 
 SEED_DIR = Path("data/seed")
 METRICS_DIR = Path("metrics")
+COST = METRICS_DIR / "cost.json"  # run-dependent timings: kept apart from eval.json
 MODELS_DIR = Path("models")
 PARAMS_CHECK = METRICS_DIR / "params_check.json"
 # What people edit and every number depends on (git-tracked; DVC outputs under data/ are gitignored).

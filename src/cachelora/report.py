@@ -102,7 +102,7 @@ def git_commit(inputs: list[str]) -> str:
 
 
 def _models(params: Params) -> list[str]:
-    return [BASELINE, *params.train_models, MERGED]
+    return [BASELINE, *params.train_models, MERGED, *params.evaluate.reference_models]
 
 
 def _groups(params: Params) -> list[str]:
@@ -122,6 +122,8 @@ HEADLINE_COLUMNS = (
     ("natural hit rate", "natural_test", "replay.hit_rate", ".3f"),
     ("natural hit precision", "natural_test", "replay.hit_precision", ".3f"),
     ("natural AP", "natural_test", "average_precision", ".3f"),
+    ("natural hit rate, natural-dev threshold", "natural_test", "replay_natural_op.hit_rate", ".3f"),
+    ("its precision", "natural_test", "replay_natural_op.hit_precision", ".3f"),
 )
 MODEL_COLUMNS = (
     ("test hit rate", "test", "replay.hit_rate", ".3f"),
@@ -139,14 +141,28 @@ MODEL_COLUMNS = (
     ("natural AP", "natural_test", "average_precision", ".3f"),
     ("natural gain %", "natural_test", "margin_gain_pct", "+.1f"),
     ("natural accuracy", "natural_test", "triplet_accuracy", ".3f"),
+    ("natural hit rate, natural-dev threshold", "natural_test", "replay_natural_op.hit_rate", ".3f"),
+    ("its precision", "natural_test", "replay_natural_op.hit_precision", ".3f"),
+)
+COST_COLUMNS = (
+    ("natural AP", "natural_test", "average_precision", ".3f"),
+    ("natural accuracy", "natural_test", "triplet_accuracy", ".3f"),
+    ("natural hit rate, natural-dev threshold", "natural_test", "replay_natural_op.hit_rate", ".3f"),
+    ("test AP", "test", "average_precision", ".3f"),
 )
 DEPLOY_SETS = ("val", "test", "natural_test")
+COST_FIGURES = (
+    ("parameters", "parameters", ",d"),
+    ("ms/query, batch 1", "ms_per_query_batch_1", ".2f"),
+    ("ms/query, batch 32", "ms_per_query_batch_32", ".2f"),
+)
 
 
 def headline_table(params: Params) -> Table:
     """Per domain (and all domains in one cache): what a cache does at the val-chosen operating point,
     on the generated test split and the natural test set, for the baseline, multi and merged."""
-    rows = tuple((g, m, *_columns(m, g, HEADLINE_COLUMNS)) for g in _groups(params) for m in (BASELINE, MULTI, MERGED))
+    shown = (BASELINE, MULTI, MERGED, *params.evaluate.reference_models)
+    rows = tuple((g, m, *_columns(m, g, HEADLINE_COLUMNS)) for g in _groups(params) for m in shown)
     header = ("domain", "model", *(c[0] for c in HEADLINE_COLUMNS))
     return Table(
         "Headline: cache hit rate at the val-chosen operating point (generated test, natural test)", header, rows
@@ -166,6 +182,21 @@ def deploy_table(params: Params) -> Table:
         *(f"{s.replace('_', ' ')} {k}" for s in DEPLOY_SETS for k in ("hit rate", "hit precision")),
     )
     return Table("Deploy: the model chosen on val, at its shipped thresholds", header, tuple(rows))
+
+
+def cost_table(params: Params) -> Table:
+    """Cost against quality: the baseline, the deploy model and each reference, timed in one run."""
+    deploy = read_json(EVAL)["deploy"]["model"]
+    rows = []
+    for role, m in (
+        ("baseline", BASELINE),
+        ("deploy", deploy),
+        *(("reference", r) for r in params.evaluate.reference_models),
+    ):
+        timing = tuple(Cell(paths.COST, f"models.{m}.{k}", f) for _, k, f in COST_FIGURES)
+        rows.append((f"{m} ({role})", *timing, *_columns(m, ALL, COST_COLUMNS)))
+    header = ("model", *(c[0] for c in COST_FIGURES), *(c[0] for c in COST_COLUMNS))
+    return Table("Cost against quality: all domains, one cache (CPU timings from one run)", header, tuple(rows))
 
 
 def model_tables(params: Params) -> list[Table]:
@@ -221,6 +252,7 @@ def all_tables(params: Params) -> list[Table]:
     return [
         headline_table(params),
         deploy_table(params),
+        cost_table(params),
         *model_tables(params),
         data_table(params),
         training_table(params),

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from cachelora import paths
 from cachelora.adapters import add_lora
 from cachelora.base_model import load_base, pick_device, weights_sha256
+from cachelora.distillation import distillation_loss
 from cachelora.errors import CacheloraError
 from cachelora.params import MULTI, Params
 from cachelora.records import file_md5
@@ -34,10 +35,14 @@ log = logging.getLogger(__name__)
 FINAL_LOSS = "final_loss_mean_last_10pct"  # mean loss over the last tenth of the steps (at least one step)
 
 
+def training_domains(name: str, params: Params) -> list[str]:
+    """The domains a model learns from: its own, or every domain for ``multi``."""
+    return params.domains if name == MULTI else [params.check_domain(name)]
+
+
 def training_files(name: str, params: Params) -> list[Path]:
     """The train splits a model learns from: its domain's, or every domain's for ``multi``."""
-    domains = params.domains if name == MULTI else [params.check_domain(name)]
-    return [paths.split_file(domain, "train") for domain in domains]
+    return [paths.split_file(domain, "train") for domain in training_domains(name, params)]
 
 
 def load_training_rows(files: list[Path]) -> list[dict[str, Any]]:
@@ -109,10 +114,21 @@ def embed_columns(model: SentenceTransformer, tokens: Tokenised, batch: list[dic
 
 
 def batch_loss(
-    model: SentenceTransformer, loss_fn: Any, tokens: Tokenised, batch: list[dict[str, Any]]
+    model: SentenceTransformer,
+    loss_fn: Any,
+    tokens: Tokenised,
+    batch: list[dict[str, Any]],
+    teacher: dict[str, torch.Tensor] | None = None,
+    distill_weight: float = 0.0,
 ) -> torch.Tensor:
-    """MNRL over the batch: each anchor against its positive, its hard negative and every other row's texts."""
-    return loss_fn.compute_loss_from_embeddings(embed_columns(model, tokens, batch), labels=None)
+    """MNRL over the batch (each anchor against its positive, its hard negative and every other row's
+    texts), plus ``distill_weight`` x the distillation loss against ``teacher``'s vectors."""
+    columns = embed_columns(model, tokens, batch)
+    loss = loss_fn.compute_loss_from_embeddings(columns, labels=None)
+    if teacher is not None and distill_weight > 0:
+        texts = [[row[field] for row in batch] for field in TEXT_FIELDS]
+        loss = loss + distill_weight * distillation_loss(columns, texts, teacher)
+    return loss
 
 
 def seed_everything(seed: int) -> None:
@@ -136,8 +152,11 @@ class TrainedAdapter:
     probe: list[str]
 
 
-def train_model(name: str, params: Params, files: list[Path]) -> TrainedAdapter:
-    """Train one LoRA adapter on the triplets in ``files``."""
+def train_model(
+    name: str, params: Params, files: list[Path], teacher: dict[str, torch.Tensor] | None = None
+) -> TrainedAdapter:
+    """Train one LoRA adapter on the triplets in ``files`` (distilling from ``teacher``'s vectors
+    when given and ``train.distill.weight`` > 0)."""
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
     from transformers import get_linear_schedule_with_warmup
 
@@ -178,7 +197,7 @@ def train_model(name: str, params: Params, files: list[Path]) -> TrainedAdapter:
                 batches = make_batches(rows, tp.batch_size, rng)
             batch = [rows[i] for i in batches.pop(0)]
             with autocast:
-                loss = batch_loss(model, loss_fn, tokens, batch)
+                loss = batch_loss(model, loss_fn, tokens, batch, teacher, tp.distill.weight)
             loss.backward()
             optimizer.step()
             scheduler.step()
@@ -196,6 +215,9 @@ def train_model(name: str, params: Params, files: list[Path]) -> TrainedAdapter:
         "name": name,
         "base_model": {"name": params.base_model, "sha256": weights_sha256(params.base_model)},
         "params": {"lora": params.lora.model_dump(), "train": tp.model_dump()},
+        "teacher": (
+            {"name": tp.distill.teacher, "sha256": weights_sha256(tp.distill.teacher)} if teacher is not None else None
+        ),
         "data": {str(path): file_md5(path) for path in files},
         "triplets": len(rows),
         "steps": total_steps,

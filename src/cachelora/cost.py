@@ -1,0 +1,56 @@
+"""What a model costs to serve: parameters and CPU milliseconds per query at batch 1 and batch 32.
+
+Measured in the evaluate stage's run, on the natural test queries, for the models a cost table
+compares. Timings vary between runs and machines, so they go to ``metrics/cost.json``, apart from
+``eval.json`` (which ``verify --recompute`` reproduces exactly); compare them only within one file.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+BATCH_SIZES = (1, 32)
+
+
+def parameter_count(model: Any) -> int:
+    """Parameters as served: an adapter is merged into the base first (no LoRA at serving time)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def merged_for_serving(model: Any) -> Any:
+    """The model with any peft adapter merged in, as export ships it."""
+    inner = model[0].model
+    if hasattr(inner, "merge_and_unload"):
+        model[0].model = inner.merge_and_unload()
+    return model
+
+
+def ms_per_query(model: Any, queries: list[str], batch_size: int, repeats: int) -> float:
+    """Median over ``repeats`` passes of the wall time per query, encoding ``queries`` ``batch_size`` at a time."""
+    model.encode(queries[:batch_size], batch_size=batch_size)  # warm-up
+    runs = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        with torch.inference_mode():
+            for start in range(0, len(queries), batch_size):
+                model.encode(queries[start : start + batch_size], batch_size=batch_size, normalize_embeddings=True)
+        runs.append((time.perf_counter() - started) * 1000 / len(queries))
+    return statistics.median(runs)
+
+
+def measure(model: Any, queries: list[str], repeats: int = 3) -> dict[str, Any]:
+    """Parameters and ms/query at each of :data:`BATCH_SIZES` for one model."""
+    model = merged_for_serving(model)
+    model.eval()
+    figures: dict[str, Any] = {"parameters": parameter_count(model), "threads": torch.get_num_threads()}
+    for batch_size in BATCH_SIZES:
+        figures[f"ms_per_query_batch_{batch_size}"] = round(ms_per_query(model, queries, batch_size, repeats), 3)
+    log.info("cost: %s", figures)
+    return figures
