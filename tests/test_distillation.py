@@ -82,3 +82,11 @@ def test_training_with_a_teacher_moves_the_students_similarities_towards_it(spli
         return float(torch.mean((similarity_matrix(student) - target) ** 2))
 
     assert gap(5.0) < 0.5 * gap(0.0)
+
+
+def test_with_distillation_off_the_teacher_embeds_nothing(split, monkeypatch):
+    import cachelora.distillation as distillation
+
+    monkeypatch.setattr(distillation, "load_base", lambda *a, **k: pytest.fail("the teacher was loaded"))
+    assert embed_domain(distilled_params(weight=0.0), "medical", teacher_file("medical")) == 0
+    assert load_teacher([teacher_file("medical")], TEACHER) == {}

@@ -16,11 +16,19 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 TINY = {
-    "generate": {"triplets_per_domain": 40},
+    "generate": {"triplets_per_domain": 40, "corpus_triplets_per_query": 1},
     "validate": {"min_rows": 10, "max_bad_fraction": 0.25},
-    "train": {"batch_size": 8, "max_seq_length": 24, "epochs": 1, "lr": 1e-3, "device": "cpu"},
+    "train": {
+        "batch_size": 8,
+        "max_seq_length": 24,
+        "epochs": 1,
+        "lr": 1e-3,
+        "device": "cpu",
+        # the small model stands in for all-mpnet-base-v2 (same code path, seconds instead of minutes)
+        "distill": {"teacher": "all-MiniLM-L6-v2", "weight": 1.0, "batch_size": 64},
+    },
     "lora": {"rank": 4, "alpha": 8},
-    "evaluate": {"bootstrap": 100},
+    "evaluate": {"bootstrap": 100, "reference_models": ["all-MiniLM-L6-v2"], "cost_repeats": 1},
 }
 
 
@@ -157,6 +165,7 @@ def test_full_pipeline_noop_experiment_and_metrics_diff(repo):
     assert {"baseline", "medical", "multi", "merged", "deploy"} <= set(metrics)
     assert metrics["contamination"] == {
         "natural_test_in_train": 0,
+        "natural_test_in_corpus": 0,
         "natural_test_in_val": 0,
         "natural_test_in_natural_dev": 0,
     }

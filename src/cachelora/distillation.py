@@ -35,21 +35,25 @@ def teacher_file(domain: str) -> Path:
 
 
 def embed_domain(params: Params, domain: str, out: Path) -> int:
-    """Embed every text of ``domain``'s train split with the teacher; return how many."""
+    """Embed every text of ``domain``'s train split with the teacher; return how many. With
+    ``train.distill.weight`` 0 nothing trains on them: the file holds no vectors (and costs nothing)."""
     from safetensors.numpy import save_file
 
-    teacher = params.train.distill.teacher
-    rows = read_triplets(paths.split_file(domain, "train"))
-    vectors = encode_unique(
-        load_base(teacher, params.train.device, params.train.max_seq_length),
-        [row[f] for row in rows for f in TEXT_FIELDS],
-        params.train.distill.batch_size,
-        desc=f"teacher {domain}",
-    )
+    distill = params.train.distill
+    vectors: dict[str, np.ndarray] = {}
+    if distill.weight > 0:
+        rows = read_triplets(paths.split_file(domain, "train"))
+        vectors = encode_unique(
+            load_base(distill.teacher, params.train.device, params.train.max_seq_length),
+            [row[f] for row in rows for f in TEXT_FIELDS],
+            distill.batch_size,
+            desc=f"teacher {domain}",
+        )
     texts = sorted(vectors)
-    metadata = {"teacher": teacher, "sha256": weights_sha256(teacher), "texts": json.dumps(texts)}
+    metadata = {"teacher": distill.teacher, "sha256": weights_sha256(distill.teacher), "texts": json.dumps(texts)}
+    stacked = np.stack([vectors[t] for t in texts]) if texts else np.zeros((0, 0), dtype=np.float32)
     with atomic_path(out) as tmp:
-        save_file({"vectors": np.stack([vectors[t] for t in texts])}, str(tmp), metadata=metadata)
+        save_file({"vectors": stacked}, str(tmp), metadata=metadata)
     return len(texts)
 
 

@@ -295,7 +295,10 @@ def render_results(params: Params) -> str:
         f"val threshold whose val hit precision reaches {read_json(EVAL)['target_precision']} (per domain; one",
         'global threshold for the cross-domain cache "all"). It is chosen on the generated val split and',
         "reported on the generated test split and on the hand-written natural test set (`data/natural/test.jsonl`).",
+        "Natural sets are also replayed at the natural dev set's own operating point (the natural-dev threshold).",
         "Test topics and phrasings are unseen by every model (DESIGN.md, Splits). AP is threshold-free.",
+        "Reference models (no adapter) are scored the same way and never deployed; the cost table's timings",
+        "come from the evaluate stage's own run (`metrics/cost.json`): compare them only with each other.",
         "Gain % is the seeds' margin gain over the baseline, with a paired-bootstrap 95 % CI over whole topics.",
         "",
     ]
