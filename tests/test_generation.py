@@ -1,5 +1,9 @@
+import json
 from collections import Counter
 
+import pytest
+
+from cachelora.errors import CacheloraError
 from cachelora.generation import OfflineGenerator, generate_domain
 from cachelora.lexicon import load_lexicon
 from cachelora.records import read_jsonl
@@ -54,3 +58,23 @@ def test_generate_domain_writes_jsonl(seed_dir, tmp_path):
     rows = read_jsonl(out)
     assert rows[0]["generator"]["backend"] == "offline"
     assert {"id", "domain", "anchor", "positive", "negative", "source_id"} <= set(rows[0])
+
+
+def test_the_offline_backend_adds_the_domains_corpus(seed_dir, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    original = {
+        "topic": "asthma",
+        "query": "can I use my inhaler before running",
+        "paraphrases": ["inhaler pre run ok?", "should i puff my inhaler before a jog", "albuterol before exercise"],
+        "negatives": ["can I use my inhaler after running", "is asthma worse in cold weather"],
+    }
+    (corpus / "medical.jsonl").write_text(json.dumps(original) + "\n", encoding="utf-8")
+    params = tiny_params(generate={"seed": 1, "triplets_per_domain": 60, "corpus": str(corpus)})
+    out = tmp_path / "triplets.jsonl"
+    assert generate_domain(params, "medical", out, seed_dir) == 60 + 6
+    from_corpus = [r for r in read_jsonl(out) if r["generator"]["backend"] == "corpus"]
+    assert {r["positive"] for r in from_corpus} == {original["query"]} and len(from_corpus) == 6
+    (corpus / "medical.jsonl").unlink()
+    with pytest.raises(CacheloraError, match=r"corpus/medical.jsonl: file not found"):
+        generate_domain(params, "medical", out, seed_dir)

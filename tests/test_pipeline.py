@@ -175,8 +175,17 @@ def test_full_pipeline_noop_experiment_and_metrics_diff(repo):
         k: metrics[deploy["model"]]["natural_test"]["all"]["replay"][k]
         for k in ("threshold", "hit_rate", "hit_precision", "false_hit_rate")
     }
-    for figure in ("margin_gain", "replay", "pr_curves"):
+    for figure in ("margin_gain", "replay", "pr_curves", "cost_quality"):
         assert (repo / f"metrics/figures/{figure}.png").stat().st_size > 1000
+    reference = "all-MiniLM-L6-v2"  # TINY's stand-in for all-mpnet-base-v2
+    assert reference in metrics and set(metrics["references"]) == {reference}
+    assert metrics["deploy"]["model"] != reference
+    cost = json.loads((repo / "metrics/cost.json").read_text())
+    assert set(cost["models"]) == {"baseline", deploy["model"], reference}
+    assert all(m["parameters"] == 22_713_216 for m in cost["models"].values())  # adapters merged, as served
+    assert "Cost against quality" in (repo / "RESULTS.md").read_text()
+    trained = json.loads((repo / "models/multi/training_info.json").read_text())
+    assert trained["teacher"]["name"] == "all-MiniLM-L6-v2"  # distilled: TINY's weight is 1.0
     assert json.loads((repo / "metrics/plots/replay/natural_test/merged.json").read_text())[0]["hit_rate"] == 1.0
 
     again = run(repo, "dvc", "repro")
