@@ -1,8 +1,11 @@
-"""DVC stage train@<name>: one LoRA adapter per domain, and `multi` on all domains together."""
+"""DVC stage train@<name>: one LoRA adapter per domain, and `multi` on all domains together.
+
+With ``train.strategy: ddp`` the stage runs itself again under torchrun (``train.processes`` ranks)
+unless a launcher already started it; only rank 0 writes outputs."""
 
 import click
 
-from cachelora import paths
+from cachelora import distributed, paths
 from cachelora.adapters import save_adapter
 from cachelora.distillation import load_teacher, teacher_file
 from cachelora.entrypoint import user_errors
@@ -17,18 +20,22 @@ from cachelora.training import FINAL_LOSS, train_model, training_domains, traini
 def main(name: str) -> None:
     params = load_params()
     params.check_model(name)
+    if params.train.strategy == "ddp" and not distributed.launched():
+        raise SystemExit(distributed.torchrun(__file__, ["--name", name], distributed.processes(params.train)))
     distill = params.train.distill
     teacher = (
         load_teacher([teacher_file(d) for d in training_domains(name, params)], distill.teacher)
         if distill.weight > 0
         else None
     )
-    trained = train_model(name, params, training_files(name, params), teacher)
-    save_adapter(trained.model, paths.model_dir(name), params.base_model, trained.info, trained.probe)
-    # The adapter directory holds only what the inputs determine; timings and other run facts go here.
-    summary = {key: trained.info[key] for key in ("triplets", "steps", FINAL_LOSS)} | trained.run
-    write_json(paths.stage_metrics("train", name), summary)
-    write_json(paths.loss_plot(name), trained.history)
+    with distributed.process_group(params.train):
+        trained = train_model(name, params, training_files(name, params), teacher)
+        if distributed.is_main():
+            save_adapter(trained.model, paths.model_dir(name), params.base_model, trained.info, trained.probe)
+            # The adapter directory holds only what the inputs determine; timings and other run facts go here.
+            summary = {key: trained.info[key] for key in ("triplets", "steps", FINAL_LOSS)} | trained.run
+            write_json(paths.stage_metrics("train", name), summary)
+            write_json(paths.loss_plot(name), trained.history)
 
 
 if __name__ == "__main__":

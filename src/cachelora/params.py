@@ -100,6 +100,15 @@ class TrainParams(_Strict):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     threads: int = Field(0, ge=0)
     distill: DistillParams = DistillParams()
+    # single: one process | ddp: `processes` ranks under torchrun, one global batch (see distributed.py)
+    strategy: Literal["single", "ddp"] = "single"
+    processes: int = Field(0, ge=0)  # ddp ranks; 0 = one per visible GPU
+
+    @model_validator(mode="after")
+    def _batch_splits_across_processes(self) -> TrainParams:
+        if self.strategy == "ddp" and self.processes and self.batch_size % self.processes:
+            raise ValueError(f"batch_size {self.batch_size} must be a multiple of processes {self.processes}")
+        return self
 
 
 class MergeParams(_Strict):

@@ -21,7 +21,7 @@ import torch
 from sentence_transformers import SentenceTransformer
 from tqdm import tqdm
 
-from cachelora import paths
+from cachelora import distributed, paths
 from cachelora.adapters import add_lora
 from cachelora.base_model import load_base, pick_device, weights_sha256
 from cachelora.distillation import distillation_loss
@@ -162,7 +162,7 @@ def train_model(
 
     tp = params.train
     rows = load_training_rows(files)
-    device = pick_device(tp.device)
+    device = distributed.local_device(pick_device(tp.device))
     if tp.precision == "fp16" and device == "cpu":
         raise CacheloraError("params.yaml: train.precision: fp16 needs CUDA; use bf16 or fp32 on CPU")
     if tp.threads:
@@ -170,13 +170,19 @@ def train_model(
     seed_everything(tp.seed)
     model = load_base(params.base_model, device, tp.max_seq_length)
     add_lora(model, params.lora)
-    loss_fn = MultipleNegativesRankingLoss(model, scale=1.0 / tp.temperature)
+    # Under ddp each rank embeds its slice of the global batch and MNRL gathers every rank's embeddings
+    # (with gradients): the same in-batch negatives as one process. The distillation term stays per rank,
+    # on the rank's own slice (its cosine matrix is not gathered).
+    loss_fn = MultipleNegativesRankingLoss(
+        model, scale=1.0 / tp.temperature, gather_across_devices=distributed.world_size() > 1
+    )
     tokens = Tokenised(model, [row[f] for row in rows for f in TEXT_FIELDS], tp.max_seq_length)
 
     rng = random.Random(tp.seed)
-    per_epoch = len(make_batches(rows, tp.batch_size, random.Random(tp.seed)))
+    per_epoch = len(distributed.local_slices(make_batches(rows, tp.batch_size, random.Random(tp.seed))))
     total_steps = max(1, math.ceil(per_epoch * tp.epochs))
     trainable = [p for p in model.parameters() if p.requires_grad]
+    distributed.broadcast_from_main(trainable)
     optimizer = torch.optim.AdamW(trainable, lr=tp.lr)
     scheduler = get_linear_schedule_with_warmup(optimizer, round(tp.warmup * total_steps), total_steps)
     autocast = torch.autocast(
@@ -194,20 +200,22 @@ def train_model(
     with tqdm(total=total_steps, desc=f"train {name}", unit="step") as bar:
         for step in range(1, total_steps + 1):
             if not batches:
-                batches = make_batches(rows, tp.batch_size, rng)
+                batches = distributed.local_slices(make_batches(rows, tp.batch_size, rng))
             batch = [rows[i] for i in batches.pop(0)]
             with autocast:
                 loss = batch_loss(model, loss_fn, tokens, batch, teacher, tp.distill.weight)
             loss.backward()
+            distributed.average_gradients(trainable)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            seen += len(batch)
-            history.append({"step": step, "loss": round(loss.item(), 6), "lr": scheduler.get_last_lr()[0]})
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            seen += len(batch) * distributed.world_size()
+            value = distributed.global_mean(loss)
+            history.append({"step": step, "loss": round(value, 6), "lr": scheduler.get_last_lr()[0]})
+            bar.set_postfix(loss=f"{value:.4f}")
             bar.update()
             if step % 50 == 0 or step == total_steps:
-                log.info("train %s: step %d/%d loss %.4f", name, step, total_steps, loss.item())
+                log.info("train %s: step %d/%d loss %.4f", name, step, total_steps, value)
     wall = time.perf_counter() - started
 
     tail = history[-max(1, len(history) // 10) :]
