@@ -71,6 +71,7 @@ def test_template_key_reads_the_template_back():
     known = {"what are the symptoms of topic": "test"}
     assert template_key("What are the symptoms of high blood pressure?", surfaces, known) == next(iter(known))
     assert template_key("no topic here", surfaces, known) is None
+    assert template_key("how is high blood pressure treated", surfaces, known) is None  # not a lexicon template
 
 
 def test_generated_splits_share_no_topic_template_or_text(generated):

@@ -104,14 +104,17 @@ def assign_templates(lexicons: dict[str, Lexicon], params: SplitParams) -> dict[
 
 
 def template_key(text: str, surfaces: Iterable[str], known: dict[str, str]) -> str | None:
-    """The template ``text`` was rendered from: its normalised form with the topic's name put back
-    as ``topic``. Prefers a reading that is a known template; None when no surface occurs."""
+    """The lexicon template ``text`` reads as: its normalised form with the topic's name put back as
+    ``topic``, when that is a ``known`` template; None otherwise. Natural text (the corpus, LLM
+    replies) that happens to share a short pattern ("how is X treated") with another topic's text
+    is language, not a template: only lexicon templates are kept to one split."""
     norm = normalise(text)
-    readings = []
     for surface in sorted({normalise(s) for s in surfaces}, key=len, reverse=True):
         for match in re.finditer(rf"(?<!\w){re.escape(surface)}(?!\w)", norm):
-            readings.append(norm[: match.start()] + "topic" + norm[match.end() :])
-    return next((r for r in readings if r in known), readings[0] if readings else None)
+            reading = norm[: match.start()] + "topic" + norm[match.end() :]
+            if reading in known:
+                return reading
+    return None
 
 
 @dataclass(frozen=True)
