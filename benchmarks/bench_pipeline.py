@@ -78,8 +78,14 @@ def sample(pid: int, peaks: dict[str, int], stop: threading.Event, interval: flo
 
 
 def repro(root: Path, target: list[str], interval: float) -> tuple[float, dict[str, int]]:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TQDM_DISABLE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     peaks: dict[str, int] = {}
     stop = threading.Event()
     start = time.perf_counter()
