@@ -16,7 +16,9 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 TINY = {
-    "generate": {"triplets_per_domain": 40, "corpus_triplets_per_query": 1},
+    # No corpus: its ~300 originals per domain made every tiny train and evaluate minutes long (corpus
+    # reading, placement and contamination are covered in test_corpus.py, test_generation.py).
+    "generate": {"triplets_per_domain": 40, "corpus": None},
     "validate": {"min_rows": 10, "max_bad_fraction": 0.25},
     "train": {
         "batch_size": 8,
