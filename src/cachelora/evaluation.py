@@ -376,11 +376,12 @@ def cost_models(params: Params, deploy: str) -> dict[str, Callable[[], Any]]:
     return {**loaders, **reference_loaders(params)}
 
 
-def pipeline_cost(params: Params, deploy: str, sets: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any]:
+def pipeline_cost(params: Params, deploy: str) -> dict[str, Any]:
     """Parameters and CPU ms/query (batch 1 and 32) of the cost table's models, on the natural test anchors."""
     from cachelora import cost
 
-    queries = sorted({row["anchor"] for row in sets["natural_test"][ALL]})[:64]
+    natural = natural_rows(paths.natural("test"), params.domains, params.evaluate.min_rows)
+    queries = sorted({row["anchor"] for rows in natural.values() for row in rows})[:64]
     figures = {
         name: cost.measure(load(), queries, params.evaluate.cost_repeats)
         for name, load in cost_models(params, deploy).items()
@@ -427,7 +428,7 @@ def pipeline_evaluation(params: Params) -> dict[str, Any]:
     result, scored = pipeline_metrics(params)
     write_json(paths.METRICS_DIR / "eval.json", result)
     write_plots(scored, params, result)
-    cost = pipeline_cost(params, result["deploy"]["model"], pipeline_sets(params))
+    cost = pipeline_cost(params, result["deploy"]["model"])
     write_json(paths.COST, cost)
     from cachelora import figures
 
