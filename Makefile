@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install repro test lint bench bench-llm bench-setup s3-local clean-venv
+.PHONY: install repro test lint bench bench-llm bench-scale bench-setup s3-local clean-venv
 
 install: $(VENV)/.installed
 
@@ -57,6 +57,10 @@ bench: install
 
 bench-llm: install
 	$(BIN)/python benchmarks/bench_llm.py
+
+bench-scale: install
+	$(BIN)/python benchmarks/bench_scale.py
+	$(BIN)/python benchmarks/render.py --write-readme
 
 bench-setup:
 	bash benchmarks/bench_setup.sh

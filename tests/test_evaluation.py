@@ -10,12 +10,14 @@ from cachelora.evaluation import (
     group_bootstrap,
     max_f1_threshold,
     models_metrics,
+    pipeline_sets,
     pr_curve,
     reference_loaders,
     triplet_metrics,
 )
+from cachelora.records import write_jsonl
 from cachelora.replay import Replay
-from tests.conftest import tiny_params
+from tests.conftest import tiny_params, tiny_rows
 
 
 def scores(pos, neg, groups=None):
@@ -175,3 +177,25 @@ def test_reference_names_must_not_clash_with_pipeline_models():
     assert list(reference_loaders(tiny_params(evaluate={"reference_models": ["all-mpnet-base-v2"]}))) == [
         "all-mpnet-base-v2"
     ]
+
+
+def test_a_large_split_is_scored_on_a_seeded_sample_of_max_triplets_per_domain(tmp_path, monkeypatch):
+    """val/test over evaluate.max_triplets_per_domain are sampled (seeded, file order); natural sets never."""
+    monkeypatch.chdir(tmp_path)
+    rows = tiny_rows(60)
+    for split in ("val", "test"):
+        write_jsonl(f"data/splits/medical/{split}.jsonl", rows)
+    for split in ("dev", "test"):
+        write_jsonl(f"data/natural/{split}.jsonl", [{**r, "domain": "medical"} for r in rows[:30]])
+
+    def sets(limit, seed=42):
+        evaluate = {"reference_models": [], "max_triplets_per_domain": limit, "seed": seed}
+        return pipeline_sets(tiny_params(evaluate=evaluate))
+
+    sampled = sets(25)
+    val, test = sampled["val"]["medical"], sampled["test"]["medical"]
+    assert len(val) == len(test) == 25 and val != test  # each split its own draw
+    assert [rows.index(r) for r in val] == sorted(rows.index(r) for r in val)
+    assert sets(25) == sampled and sets(25, seed=7)["val"]["medical"] != val
+    assert len(sampled["natural_test"]["medical"]) == 30
+    assert sets(0)["val"]["medical"] == rows == sets(60)["test"]["medical"]

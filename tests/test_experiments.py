@@ -15,7 +15,7 @@ from subprocess import DEVNULL
 import pytest
 import yaml
 
-from tests.test_pipeline import REPO, TINY, run, set_params
+from tests.test_pipeline import REPO, TINY, run, set_params, shrink_natural
 
 pytestmark = pytest.mark.slow
 TARGET = "train@medical"  # one adapter: the queue re-runs only it, its inputs come from the cache
@@ -31,6 +31,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
         tar.extractall(root, filter="data")
     (root / "dvc.lock").unlink(missing_ok=True)
     set_params(root, TINY)
+    shrink_natural(root)
     # 1 torch thread per experiment: 2 workers on 2 cores at torch's default (2 threads each) oversubscribe
     # the cores and ran ~60x slower (0.6 triplets/s against 34).
     distill = {"teacher": "all-MiniLM-L6-v2", "weight": 0.0, "batch_size": 64}
@@ -90,3 +91,22 @@ def test_queued_experiments_run_in_parallel_and_differ(repo):
     assert losses["rank2"] != losses["rank4"], losses
     starts = {name: m["steps"] for name, (_, m) in found.items()}
     assert starts["rank2"] == starts["rank4"] > 0
+
+
+def test_an_experiment_on_another_base_trains_merges_and_evaluates(repo):
+    """`dvc exp run -S base_model=all-mpnet-base-v2`, nothing else changed: lora.target_modules auto picks
+    MPNet's q/k/v, and every stage from validate on runs on the 768-d model."""
+    run(repo, "dvc", "repro")
+    commit(repo, "tiny, every stage")
+    exp = run(repo, "dvc", "exp", "run", "-S", "base_model=all-mpnet-base-v2")
+    ran = {line.split("'")[1] for line in exp.stdout.splitlines() if line.startswith("Running stage")}
+    assert {"validate@medical", "train@medical", "train@multi", "merge", "evaluate", "report"} <= ran, ran
+    for name in ("medical", "multi", "merged"):
+        config = json.loads((repo / f"models/{name}/adapter_config.json").read_text())
+        assert sorted(config["target_modules"]) == ["k", "q", "v"], (name, config["target_modules"])
+    info = json.loads((repo / "models/multi/training_info.json").read_text())
+    assert info["base_model"]["name"] == "all-mpnet-base-v2"
+    metrics = json.loads((repo / "metrics/eval.json").read_text())
+    assert {"baseline", "medical", "multi", "merged", "deploy"} <= set(metrics)
+    cost = json.loads((repo / "metrics/cost.json").read_text())
+    assert cost["models"]["baseline"]["parameters"] > 100_000_000  # mpnet's 109 M, against MiniLM's 23 M

@@ -29,7 +29,7 @@ from tests.conftest import tiny_model_params, tiny_rows
 ROOT = Path(__file__).resolve().parents[1]
 BASE = "all-MiniLM-L6-v2"
 # What training_info.json may hold: facts the inputs determine. Run facts go to metrics/train/<name>.json.
-INPUT_FACTS = {"name", "base_model", "params", "data", "triplets", "steps", FINAL_LOSS, "max_seq_length"}
+INPUT_FACTS = {"name", "base_model", "params", "data", "teacher", "triplets", "steps", FINAL_LOSS, "max_seq_length"}
 RUN_FACTS = {"device", "threads", "wall_time_s", "triplets_per_s", "versions"}
 
 
@@ -76,6 +76,11 @@ def test_training_is_seeded_and_deterministic(train_file):
     per_epoch = len(make_batches(tiny_rows(24), 8, random.Random(3)))  # epochs 1, batch_size 8, seed 3
     assert first.info["steps"] == per_epoch and first.info["triplets"] == 24
     assert first.info["base_model"]["sha256"] and first.info["data"][str(train_file)]
+
+
+def test_max_steps_caps_the_steps(train_file):
+    capped = train_model("medical", tiny_model_params(max_steps=2, epochs=3), [train_file])
+    assert capped.info["steps"] == len(capped.history) == 2
 
 
 def test_length_ordered_passes_give_each_column_its_own_embeddings():
@@ -195,7 +200,7 @@ def test_train_stage_keeps_run_facts_out_of_the_adapter(trained, train_file, tmp
     spec.loader.exec_module(stage)
     monkeypatch.setattr(stage, "load_params", tiny_model_params)
     monkeypatch.setattr(stage, "training_files", lambda name, params: [train_file])
-    monkeypatch.setattr(stage, "train_model", lambda name, params, files: trained)
+    monkeypatch.setattr(stage, "train_model", lambda name, params, files, teacher: trained)
     monkeypatch.chdir(tmp_path)
     stage.main.main(["--name", "medical"], standalone_mode=False)
     info = json.loads(Path("models/medical/training_info.json").read_text())

@@ -7,6 +7,7 @@ from a paired bootstrap over whole groups (topics), the unit the split keeps apa
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -255,6 +256,13 @@ def evaluation_rows(path: Path, min_rows: int, required: tuple[str, ...] = TEXT_
     return rows
 
 
+def sample_rows(rows: list[dict[str, Any]], limit: int, seed: str) -> list[dict[str, Any]]:
+    """A seeded sample of ``limit`` rows in file order (every row when ``limit`` is 0 or not below the count)."""
+    if not limit or len(rows) <= limit:
+        return rows
+    return [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), limit))]
+
+
 def natural_rows(path: Path, domains: list[str], min_rows: int) -> dict[str, list[dict[str, Any]]]:
     """A natural set's rows by domain (rows of domains params do not list are left out); every
     domain needs rows of its own."""
@@ -271,8 +279,14 @@ def natural_rows(path: Path, domains: list[str], min_rows: int) -> dict[str, lis
 def pipeline_sets(params: Params) -> dict[str, dict[str, list[dict[str, Any]]]]:
     """set -> group -> rows: val and test splits and the natural dev and test sets, each with ``all``."""
     min_rows = params.evaluate.min_rows
+    limit, seed = params.evaluate.max_triplets_per_domain, params.evaluate.seed
     sets = {
-        split: with_all({d: evaluation_rows(paths.split_file(d, split), min_rows) for d in params.domains})
+        split: with_all(
+            {
+                d: sample_rows(evaluation_rows(paths.split_file(d, split), min_rows), limit, f"{seed}:{d}:{split}")
+                for d in params.domains
+            }
+        )
         for split in (CHOSEN_ON, "test")
     }
     for split in ("dev", "test"):

@@ -84,7 +84,7 @@ class LoraParams(_Strict):
 
 class DistillParams(_Strict):
     teacher: str = "all-mpnet-base-v2"  # embeds every train text in the teacher stage
-    weight: float = Field(1.0, ge=0)  # x the in-batch cosine-matrix MSE beside MNRL; 0 = MNRL alone
+    weight: float = Field(0.0, ge=0)  # x the in-batch cosine-matrix MSE beside MNRL; 0 = MNRL alone
     batch_size: int = Field(64, ge=1)  # teacher encoding
 
 
@@ -92,6 +92,7 @@ class TrainParams(_Strict):
     lr: float = Field(2e-3, gt=0)
     batch_size: int = Field(32, ge=2)
     epochs: float = Field(2, gt=0)
+    max_steps: int = Field(0, ge=0)  # > 0: stop after this many steps (the scale benchmark's fixed budget)
     warmup: float = Field(0.1, ge=0, lt=1)
     max_seq_length: int = Field(48, ge=8)
     temperature: float = Field(0.05, gt=0)
@@ -139,6 +140,8 @@ class EvaluateParams(_Strict):
     # Models scored beside the pipeline's (no adapter, own val thresholds): is a bigger model the answer?
     reference_models: list[str] = ["all-mpnet-base-v2"]
     cost_repeats: int = Field(3, ge=1)  # timed passes per batch size (the median is reported)
+    # A generated val/test split larger than this is scored on a seeded sample of it (0 = every row).
+    max_triplets_per_domain: int = Field(1000, ge=0)
 
 
 class Params(_Strict):

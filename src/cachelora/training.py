@@ -181,6 +181,8 @@ def train_model(
     rng = random.Random(tp.seed)
     per_epoch = len(distributed.local_slices(make_batches(rows, tp.batch_size, random.Random(tp.seed))))
     total_steps = max(1, math.ceil(per_epoch * tp.epochs))
+    if tp.max_steps:
+        total_steps = min(total_steps, tp.max_steps)
     trainable = [p for p in model.parameters() if p.requires_grad]
     distributed.broadcast_from_main(trainable)
     optimizer = torch.optim.AdamW(trainable, lr=tp.lr)
