@@ -24,7 +24,7 @@ TARGET = "train@medical"  # one adapter: the queue re-runs only it, its inputs c
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """HEAD's tree (a queued experiment runs a commit, never the working tree) as a fresh git repo with
-    tiny params, distillation off."""
+    tiny params."""
     root = tmp_path_factory.mktemp("repo")
     archive = subprocess.run(["git", "archive", "HEAD"], cwd=REPO, capture_output=True, check=True).stdout
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
@@ -34,8 +34,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     shrink_natural(root)
     # 1 torch thread per experiment: 2 workers on 2 cores at torch's default (2 threads each) oversubscribe
     # the cores and ran ~60x slower (0.6 triplets/s against 34).
-    distill = {"teacher": "all-MiniLM-L6-v2", "weight": 0.0, "batch_size": 64}
-    set_params(root, {"train": {"threads": 1, "distill": distill}})
+    set_params(root, {"train": {"threads": 1}})
     params = yaml.safe_load((root / "params.yaml").read_text())  # one domain: a quarter of the stages
     params.update(domains=["medical"], train_models=["medical", "multi"])
     params["train_data"] = {"medical": "data/splits/medical", "multi": "data/splits"}
