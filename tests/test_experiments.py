@@ -40,6 +40,9 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     params["train_data"] = {"medical": "data/splits/medical", "multi": "data/splits"}
     params["merge"]["weights"] = None
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    dvc_yaml = (root / "dvc.yaml").read_text().splitlines(keepends=True)  # merge and evaluate: medical's model only
+    others = ("- models/law\n", "- models/programming\n", "- models/psychology\n")
+    (root / "dvc.yaml").write_text("".join(line for line in dvc_yaml if not line.lstrip().endswith(others)))
     run(root, "git", "init", "-q")
     commit(root, "tiny")
     return root
