@@ -28,6 +28,8 @@ import yaml
 from _common import at_repo_root, finish
 from bench_pipeline import copy_repo
 
+from cachelora.records import read_json
+
 SIZES = (10_000, 100_000, 500_000)
 STAGES = ("generate", "validate", "split", "train", "merge", "evaluate")
 RSS_LIMIT_GIB = 4.0
@@ -58,8 +60,8 @@ def run_stage(root: Path, script: str, args: list[str]) -> dict[str, float]:
     wall = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status):
         sys.exit(f"stages/{script}.py {' '.join(args)} failed:\n{stderr.decode(errors='replace')[-3000:]}")
-    scale = 1024 if sys.platform != "darwin" else 1024 * 1024  # ru_maxrss: KiB on Linux, bytes on macOS
-    return {"wall_s": wall, "peak_rss_mib": usage.ru_maxrss * 1024 / scale / 1024}
+    per_mib = 1024 * 1024 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    return {"wall_s": wall, "peak_rss_mib": usage.ru_maxrss / per_mib}
 
 
 def run_size(total: int, steps: int) -> dict[str, Any]:
@@ -68,19 +70,14 @@ def run_size(total: int, steps: int) -> dict[str, Any]:
     try:
         copy_repo(root, tiny=False)
         params = scale_params(root, total, steps)
+        calls = [(stage, ["--domain", d]) for stage in ("generate", "validate", "split") for d in params["domains"]]
+        calls += [("train", ["--name", name]) for name in params["train_models"]] + [("merge", []), ("evaluate", [])]
         runs: dict[str, list[dict[str, float]]] = {stage: [] for stage in STAGES}
-        for stage in ("generate", "validate", "split"):
-            for domain in params["domains"]:
-                runs[stage].append(run_stage(root, stage, ["--domain", domain]))
-                print(f"  {total}: {stage}@{domain} {runs[stage][-1]['wall_s']:.1f} s", flush=True)
-        for name in params["train_models"]:
-            runs["train"].append(run_stage(root, "train", ["--name", name]))
-            print(f"  {total}: train@{name} {runs['train'][-1]['wall_s']:.1f} s", flush=True)
-        for stage in ("merge", "evaluate"):
-            runs[stage].append(run_stage(root, stage, []))
-            print(f"  {total}: {stage} {runs[stage][-1]['wall_s']:.1f} s", flush=True)
-        split = {d: yaml.safe_load((root / f"metrics/split/{d}.json").read_text()) for d in params["domains"]}
-        validated = {d: yaml.safe_load((root / f"metrics/validate/{d}.json").read_text()) for d in params["domains"]}
+        for stage, args in calls:
+            runs[stage].append(run_stage(root, stage, args))
+            print(f"  {total}: {stage} {' '.join(args)} {runs[stage][-1]['wall_s']:.1f} s", flush=True)
+        split = {d: read_json(root / f"metrics/split/{d}.json") for d in params["domains"]}
+        validated = {d: read_json(root / f"metrics/validate/{d}.json") for d in params["domains"]}
     finally:
         shutil.rmtree(root, ignore_errors=True)
     rows_in = {d: validated[d]["passed"] for d in params["domains"]}
