@@ -3,8 +3,9 @@ import torch
 
 from cachelora import paths
 from cachelora.base_model import encode_unique, load_base
-from cachelora.distillation import distillation_loss, embed_domain, load_teacher, similarity_matrix, teacher_file
+from cachelora.distillation import Distillation, embed_domain, load_teacher, row_scores, similarity_matrix, teacher_file
 from cachelora.errors import CacheloraError
+from cachelora.params import DistillParams
 from cachelora.records import write_jsonl
 from cachelora.training import train_model
 from cachelora.triplets import TEXT_FIELDS
@@ -13,9 +14,9 @@ from tests.conftest import tiny_model_params, tiny_rows
 TEACHER = "all-MiniLM-L6-v2"  # any sentence-transformers model teaches; the small one keeps the test fast
 
 
-def distilled_params(weight: float = 1.0, **train: object):
+def distilled_params(weight: float = 1.0, loss: str = "matrix_mse", **train: object):
     params = tiny_model_params(**train)
-    distill = params.train.distill.model_copy(update={"teacher": TEACHER, "weight": weight})
+    distill = params.train.distill.model_copy(update={"teacher": TEACHER, "weight": weight, "loss": loss})
     return params.model_copy(update={"train": params.train.model_copy(update={"distill": distill})})
 
 
@@ -48,22 +49,53 @@ def test_vectors_of_another_teacher_or_none_are_refused(split, tmp_path):
         load_teacher([teacher_file("medical")], str(other))
 
 
-def test_the_loss_is_zero_on_the_teachers_own_geometry_and_pulls_towards_it():
+LOSSES = ["matrix_mse", "margin_mse", "kl"]
+
+
+@pytest.mark.parametrize("kind", LOSSES)
+def test_the_loss_is_zero_on_the_teachers_own_geometry_and_pulls_towards_it(kind):
     torch.manual_seed(0)
     teacher = {f"t{i}": torch.nn.functional.normalize(torch.randn(8), dim=0) for i in range(6)}
     texts = [["t0", "t1"], ["t2", "t3"], ["t4", "t5"]]
+    distillation = Distillation(DistillParams(weight=1.0, loss=kind), torch.nn.Identity(), teacher)
     same = [torch.stack([teacher[t] for t in column]) for column in texts]
-    assert float(distillation_loss(same, texts, teacher)) == pytest.approx(0.0, abs=1e-6)
+    assert float(distillation(same, texts)) == pytest.approx(0.0, abs=1e-6)
     student = [torch.randn(2, 8, requires_grad=True) for _ in texts]
-    loss = distillation_loss(student, texts, teacher)
+    loss = distillation(student, texts)
     loss.backward()
     assert float(loss) > 0 and all(float(s.grad.abs().sum()) > 0 for s in student)
-    assert similarity_matrix(same).shape == (2, 6)
+    assert similarity_matrix(same).shape == (2, 6) and row_scores(same).shape == (2, 2)
     with pytest.raises(CacheloraError, match=r"no teacher vector for training text 'x'"):
-        distillation_loss(student, [["x", "t1"], *texts[1:]], teacher)
+        distillation(student, [["x", "t1"], *texts[1:]])
 
 
-def test_training_with_a_teacher_moves_the_students_similarities_towards_it(split):
+def test_the_row_losses_compare_each_rows_positive_and_negative_with_the_teachers():
+    """margin_mse: the squared error of cos(a,p) - cos(a,n) against the teacher's; kl: the KL divergence
+    of the softmax over each row's (positive, negative) at the temperature, scaled by its square."""
+    torch.manual_seed(1)
+    teacher = {f"t{i}": torch.nn.functional.normalize(torch.randn(8), dim=0) for i in range(6)}
+    texts = [["t0", "t1"], ["t2", "t3"], ["t4", "t5"]]
+    student = [torch.randn(2, 8) for _ in texts]
+    ours, theirs = row_scores(student), row_scores([torch.stack([teacher[t] for t in c]) for c in texts])
+
+    margin = Distillation(DistillParams(loss="margin_mse"), torch.nn.Identity(), teacher)(student, texts)
+    expected = torch.mean(((ours[:, 0] - ours[:, 1]) - (theirs[:, 0] - theirs[:, 1])) ** 2)
+    assert float(margin) == pytest.approx(float(expected), rel=1e-5)
+
+    t = 0.1
+    kl = Distillation(DistillParams(loss="kl", temperature=t), torch.nn.Identity(), teacher)(student, texts)
+    p, log_q = torch.softmax(theirs / t, dim=1), torch.log_softmax(ours / t, dim=1)
+    expected = (p * (p.log() - log_q)).sum(dim=1).mean() * t**2
+    assert float(kl) == pytest.approx(float(expected), rel=1e-4)
+
+
+def row_margins(columns: list[torch.Tensor]) -> torch.Tensor:
+    scores = row_scores(columns)
+    return scores[:, 0] - scores[:, 1]
+
+
+@pytest.mark.parametrize(("kind", "weight"), [("matrix_mse", 5.0), ("margin_mse", 50.0), ("kl", 2000.0)])
+def test_training_with_a_teacher_moves_the_students_similarities_towards_it(split, kind, weight):
     """What reaches the loss: the teacher term changes the trained adapter, towards the teacher."""
     embed_domain(distilled_params(), "medical", teacher_file("medical"))
     teacher = load_teacher([teacher_file("medical")], TEACHER)
@@ -72,16 +104,17 @@ def test_training_with_a_teacher_moves_the_students_similarities_towards_it(spli
     teacher = {t: torch.nn.functional.normalize(v + 2 * shift, dim=0) for t, v in teacher.items()}
     files = [paths.split_file("medical", "train")]
     texts = [[row[f] for row in split[:8]] for f in TEXT_FIELDS]
-    target = similarity_matrix([torch.stack([teacher[t] for t in column]) for column in texts])
+    target = [torch.stack([teacher[t] for t in column]) for column in texts]
+    measure = similarity_matrix if kind == "matrix_mse" else row_margins
 
-    def gap(weight: float) -> float:
-        trained = train_model("medical", distilled_params(weight, epochs=2, lr=5e-3), files, teacher)
+    def gap(w: float) -> float:
+        trained = train_model("medical", distilled_params(w, kind, epochs=2, lr=5e-3), files, teacher)
         trained.model.eval()
         with torch.no_grad():
             student = [trained.model.encode(column, convert_to_tensor=True) for column in texts]
-        return float(torch.mean((similarity_matrix(student) - target) ** 2))
+        return float(torch.mean((measure(student) - measure(target)) ** 2))
 
-    assert gap(5.0) < 0.5 * gap(0.0)
+    assert gap(weight) < 0.5 * gap(0.0)
 
 
 def test_with_distillation_off_the_teacher_embeds_nothing(split, monkeypatch):

@@ -158,6 +158,31 @@ def test_natural_test_is_also_replayed_at_the_natural_dev_operating_point():
     assert "replay_natural_op" not in result["test"][ALL]
 
 
+def test_deploy_on_natural_dev_picks_the_best_natural_dev_hit_rate_and_never_reads_a_test_set():
+    correct = [True, True, True, False]
+    models = {  # baseline wins on val (0.75 against 0.25), multi on natural dev (0.75 against 0)
+        "baseline": with_natural(
+            scored([0.9, 0.8, 0.75, 0.7], [0.1] * 4, correct), [0.9, 0.2, 0.2, 0.95], [0.9] * 4, correct
+        ),
+        "multi": with_natural(
+            scored([0.9, 0.8, 0.2, 0.85], [0.1] * 4, correct), [0.9, 0.8, 0.75, 0.7], [0.1] * 4, correct
+        ),
+    }
+    on_val = models_metrics(models, 0.95, 100, 0)
+    on_natural = models_metrics(models, 0.95, 100, 0, deploy_on="natural_dev")
+    assert [on_val[m]["val"][ALL]["hit_rate"] for m in models] == [0.75, 0.25]
+    assert [on_val[m]["natural_dev"][ALL]["replay_natural_op"]["hit_rate"] for m in models] == [0.0, 0.75]
+    assert on_val["deploy"]["model"] == "baseline" and on_val["deploy"]["chosen_on"] == "val"
+    assert on_natural["deploy"]["model"] == "multi" and on_natural["deploy"]["chosen_on"] == "natural_dev"
+    assert on_natural["deploy"]["threshold"] == on_natural["multi"]["val"][ALL]["threshold"]  # shipped: val's
+    # Test sets that favour the other model change nothing.
+    for name, top1 in (("baseline", [0.99] * 4), ("multi", [0.0] * 4)):
+        for set_name in ("test", "natural_test"):
+            pair = models[name][set_name][ALL].scores
+            models[name][set_name] = {ALL: Scored(pair, Replay(np.array(top1), np.array([True] * 4)))}
+    assert models_metrics(models, 0.95, 100, 0, deploy_on="natural_dev")["deploy"]["model"] == "multi"
+
+
 def test_a_reference_model_is_scored_but_never_deployed():
     models = {
         "baseline": scored([0.9, 0.8, 0.75, 0.7], [0.9, 0.8, 0.7, 0.6], [True, True, True, False]),

@@ -1,12 +1,18 @@
 """Distillation from a teacher model: its embeddings of every training text, and the loss that
-pulls the student's in-batch similarities towards the teacher's.
+pulls the student's similarities towards the teacher's.
 
 The teacher (``train.distill.teacher``, all-mpnet-base-v2 by default) embeds each domain's train
 texts once, in the ``teacher`` stage, into ``data/teacher/<domain>.safetensors`` (vectors, and the
-texts in order in its metadata). Training adds ``weight`` x the mean squared difference between the
-student's and the teacher's cosine matrices of a batch (anchors against anchors, positives and
-negatives) to MultipleNegativesRankingLoss: the student keeps the teacher's geometry, absolute
-similarities included, which is what one cache threshold relies on.
+texts in order in its metadata). Training adds ``weight`` x one of these to MultipleNegativesRankingLoss
+(``train.distill.loss``):
+
+- ``matrix_mse``: the mean squared difference between the student's and the teacher's cosine
+  matrices of a batch (anchors against anchors, positives and negatives): the teacher's geometry,
+  absolute similarities included;
+- ``margin_mse``: sentence-transformers' ``MarginMSELoss`` on each row's teacher margin
+  cos(a, p) - cos(a, n): how far the teacher puts the hard negative below the positive;
+- ``kl``: its ``DistillKLDivLoss`` on each row's teacher scores of (positive, negative) at
+  ``temperature``: the teacher's preference between them.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import torch
 from cachelora import paths
 from cachelora.base_model import encode_unique, load_base, weights_sha256
 from cachelora.errors import CacheloraError
-from cachelora.params import Params
+from cachelora.params import DistillParams, Params
 from cachelora.records import atomic_path
 from cachelora.triplets import TEXT_FIELDS, read_triplets
 
@@ -80,13 +86,38 @@ def similarity_matrix(columns: list[torch.Tensor]) -> torch.Tensor:
     return anchors @ torch.cat([anchors, *others]).T
 
 
-def distillation_loss(
-    student: list[torch.Tensor], texts: list[list[str]], teacher: dict[str, torch.Tensor]
-) -> torch.Tensor:
-    """Scaled mean squared difference between the student's and the teacher's cosine matrices;
-    ``texts`` are the batch's columns (anchors, positives, negatives)."""
+def teacher_columns(texts: list[list[str]], teacher: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """The teacher's vectors of a batch's columns; a text it never embedded is an error."""
     missing = next((t for column in texts for t in column if t not in teacher), None)
     if missing is not None:
         raise CacheloraError(f"no teacher vector for training text {missing!r} (run `dvc repro teacher`)")
-    target = similarity_matrix([torch.stack([teacher[t] for t in column]) for column in texts])
-    return SCALE * torch.mean((similarity_matrix(student) - target.to(student[0].device)) ** 2)
+    return [torch.stack([teacher[t] for t in column]) for column in texts]
+
+
+def row_scores(columns: list[torch.Tensor]) -> torch.Tensor:
+    """Per row: cos(anchor, positive), cos(anchor, negative), as a (rows, 2) matrix."""
+    anchors, *others = (torch.nn.functional.normalize(c, dim=-1) for c in columns)
+    return torch.stack([(anchors * other).sum(-1) for other in others], dim=1)
+
+
+class Distillation:
+    """The teacher term of the training loss: ``distill.loss`` between the student's embeddings of a
+    batch's columns and the teacher's vectors of the same texts."""
+
+    def __init__(self, distill: DistillParams, model: torch.nn.Module, teacher: dict[str, torch.Tensor]) -> None:
+        from sentence_transformers.sentence_transformer.losses import DistillKLDivLoss, MarginMSELoss
+        from sentence_transformers.util import pairwise_cos_sim
+
+        self.teacher, self.weight = teacher, distill.weight
+        self.library: torch.nn.Module | None = None
+        if distill.loss == "margin_mse":
+            self.library = MarginMSELoss(model, similarity_fct=pairwise_cos_sim)
+        elif distill.loss == "kl":
+            self.library = DistillKLDivLoss(model, similarity_fct=pairwise_cos_sim, temperature=distill.temperature)
+
+    def __call__(self, student: list[torch.Tensor], texts: list[list[str]]) -> torch.Tensor:
+        """The unweighted loss of one batch (``weight`` is the caller's)."""
+        target = [column.to(student[0].device) for column in teacher_columns(texts, self.teacher)]
+        if self.library is None:
+            return SCALE * torch.mean((similarity_matrix(student) - similarity_matrix(target)) ** 2)
+        return self.library.compute_loss_from_embeddings(student, row_scores(target))

@@ -327,10 +327,20 @@ def replay_entry(model: dict[str, Any], set_name: str, group: str) -> dict[str, 
     return entry if set_name == CHOSEN_ON else entry["replay"]
 
 
-def choose_deploy(result: dict[str, Any], models: list[str]) -> dict[str, Any]:
-    """The model with the best val hit rate (cross-domain cache) at its own operating point, with
-    its thresholds and the figures measured at exactly those thresholds."""
-    best = max(models, key=lambda m: (result[m][CHOSEN_ON][ALL]["hit_rate"], -models.index(m)))
+def own_point_hit_rate(entry: dict[str, Any], set_name: str) -> float:
+    """A model's cross-domain cache hit rate on ``set_name`` at that set's own operating point."""
+    return entry[CHOSEN_ON][ALL]["hit_rate"] if set_name == CHOSEN_ON else entry[set_name][ALL][NATURAL_OP]["hit_rate"]
+
+
+def choose_deploy(result: dict[str, Any], models: list[str], deploy_on: str = CHOSEN_ON) -> dict[str, Any]:
+    """The model with the best cross-domain cache hit rate on ``deploy_on`` at that set's own operating
+    point (ties: val's, then the earlier model), with its val thresholds and the figures measured at
+    exactly those thresholds."""
+
+    def rank(m: str) -> tuple[float, float, int]:
+        return own_point_hit_rate(result[m], deploy_on), own_point_hit_rate(result[m], CHOSEN_ON), -models.index(m)
+
+    best = max(models, key=rank)
     entry = result[best]
     figures = ("threshold", "hit_rate", "hit_precision", "false_hit_rate")
     sets = [name for name in (CHOSEN_ON, *REPORTED_SETS) if name in entry]
@@ -341,6 +351,7 @@ def choose_deploy(result: dict[str, Any], models: list[str]) -> dict[str, Any]:
     domains = [g for g in entry[CHOSEN_ON] if g != ALL]
     return {
         "model": best,
+        "chosen_on": deploy_on,
         "threshold": entry[CHOSEN_ON][ALL]["threshold"],
         "per_domain_thresholds": {d: entry[CHOSEN_ON][d]["threshold"] for d in domains},
         **{name: at(name, ALL) for name in sets},
@@ -365,7 +376,9 @@ def pipeline_metrics(params: Params) -> tuple[dict[str, Any], dict[str, dict[str
         "target_precision": ep.target_precision,
         "contamination": checked,
     }
-    result.update(models_metrics(scored, ep.target_precision, ep.bootstrap, ep.seed, tuple(ep.reference_models)))
+    result.update(
+        models_metrics(scored, ep.target_precision, ep.bootstrap, ep.seed, tuple(ep.reference_models), ep.deploy_on)
+    )
     return result, scored
 
 
@@ -409,10 +422,11 @@ def models_metrics(
     resamples: int,
     seed: int,
     references: tuple[str, ...] = (),
+    deploy_on: str = CHOSEN_ON,
 ) -> dict[str, Any]:
     """Each model's operating points chosen on val and its metrics on every reported set at exactly
-    those thresholds, then the ``deploy`` choice (made on val only, among models that are not
-    ``references``)."""
+    those thresholds, then the ``deploy`` choice (made on ``deploy_on``, val or natural dev, never a
+    test set, among models that are not ``references``)."""
     result: dict[str, Any] = {}
     for name, by_set in scored.items():
         chosen = operating_points(by_set[CHOSEN_ON], target_precision)
@@ -433,7 +447,7 @@ def models_metrics(
                 if set_name in by_set
             },
         }
-    result["deploy"] = choose_deploy(result, [name for name in scored if name not in references])
+    result["deploy"] = choose_deploy(result, [name for name in scored if name not in references], deploy_on)
     return result
 
 

@@ -84,7 +84,11 @@ class LoraParams(_Strict):
 
 class DistillParams(_Strict):
     teacher: str = "all-mpnet-base-v2"  # embeds every train text in the teacher stage
-    weight: float = Field(0.0, ge=0)  # x the in-batch cosine-matrix MSE beside MNRL; 0 = MNRL alone
+    weight: float = Field(0.0, ge=0)  # x the distillation loss beside MNRL; 0 = MNRL alone
+    # matrix_mse: the in-batch cosine matrix; margin_mse: sentence-transformers' MarginMSELoss on each
+    # row's cos(a,p) - cos(a,n); kl: its DistillKLDivLoss on each row's (positive, negative) scores
+    loss: Literal["matrix_mse", "margin_mse", "kl"] = "matrix_mse"
+    temperature: float = Field(0.05, gt=0)  # kl: both sides' scores are divided by it
     batch_size: int = Field(64, ge=1)  # teacher encoding
 
 
@@ -142,6 +146,9 @@ class EvaluateParams(_Strict):
     cost_repeats: int = Field(3, ge=1)  # timed passes per batch size (the median is reported)
     # A generated val/test split larger than this is scored on a seeded sample of it (0 = every row).
     max_triplets_per_domain: int = Field(1000, ge=0)
+    # The set whose cross-domain cache hit rate, at that set's own operating point, picks the deploy
+    # model (ties: val's hit rate, then the earlier model): natural_dev asks how people type.
+    deploy_on: Literal["val", "natural_dev"] = "natural_dev"
 
 
 class Params(_Strict):

@@ -170,7 +170,8 @@ def headline_table(params: Params) -> Table:
 
 
 def deploy_table(params: Params) -> Table:
-    """The model ``deploy`` chose on val, at exactly its shipped thresholds."""
+    """The model ``deploy`` chose (on val or natural dev), at exactly its shipped (val) thresholds."""
+    deploy = read_json(EVAL)["deploy"]
     rows = []
     for g in _groups(params):
         base = "deploy" if g == ALL else f"deploy.per_domain.{g}"
@@ -181,7 +182,9 @@ def deploy_table(params: Params) -> Table:
         "threshold",
         *(f"{s.replace('_', ' ')} {k}" for s in DEPLOY_SETS for k in ("hit rate", "hit precision")),
     )
-    return Table("Deploy: the model chosen on val, at its shipped thresholds", header, tuple(rows))
+    chosen_on = deploy["chosen_on"].replace("_", " ")
+    title = f"Deploy: {deploy['model']}, chosen on {chosen_on}, at its shipped (val) thresholds"
+    return Table(title, header, tuple(rows))
 
 
 def cost_table(params: Params) -> Table:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from cachelora import distributed, paths
 from cachelora.adapters import add_lora
 from cachelora.base_model import load_base, pick_device, weights_sha256
-from cachelora.distillation import distillation_loss
+from cachelora.distillation import Distillation
 from cachelora.errors import CacheloraError
 from cachelora.params import MULTI, Params
 from cachelora.records import file_md5
@@ -118,16 +118,15 @@ def batch_loss(
     loss_fn: Any,
     tokens: Tokenised,
     batch: list[dict[str, Any]],
-    teacher: dict[str, torch.Tensor] | None = None,
-    distill_weight: float = 0.0,
+    distillation: Distillation | None = None,
 ) -> torch.Tensor:
     """MNRL over the batch (each anchor against its positive, its hard negative and every other row's
-    texts), plus ``distill_weight`` x the distillation loss against ``teacher``'s vectors."""
+    texts), plus the weighted ``distillation`` term against the teacher's vectors."""
     columns = embed_columns(model, tokens, batch)
     loss = loss_fn.compute_loss_from_embeddings(columns, labels=None)
-    if teacher is not None and distill_weight > 0:
+    if distillation is not None and distillation.weight > 0:
         texts = [[row[field] for row in batch] for field in TEXT_FIELDS]
-        loss = loss + distill_weight * distillation_loss(columns, texts, teacher)
+        loss = loss + distillation.weight * distillation(columns, texts)
     return loss
 
 
@@ -177,6 +176,7 @@ def train_model(
         model, scale=1.0 / tp.temperature, gather_across_devices=distributed.world_size() > 1
     )
     tokens = Tokenised(model, [row[f] for row in rows for f in TEXT_FIELDS], tp.max_seq_length)
+    distillation = Distillation(tp.distill, model, teacher) if teacher is not None else None
 
     rng = random.Random(tp.seed)
     per_epoch = len(distributed.local_slices(make_batches(rows, tp.batch_size, random.Random(tp.seed))))
@@ -205,7 +205,7 @@ def train_model(
                 batches = distributed.local_slices(make_batches(rows, tp.batch_size, rng))
             batch = [rows[i] for i in batches.pop(0)]
             with autocast:
-                loss = batch_loss(model, loss_fn, tokens, batch, teacher, tp.distill.weight)
+                loss = batch_loss(model, loss_fn, tokens, batch, distillation)
             loss.backward()
             distributed.average_gradients(trainable)
             optimizer.step()
