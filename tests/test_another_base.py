@@ -36,9 +36,12 @@ def test_mpnet_assembles_offline_into_a_sentence_transformers_folder():
     assert resolve_base(MPNET) == str(path)  # unpacked once, then reused
 
 
-def test_auto_picks_each_architectures_attention_projections():
+def test_auto_and_all_linear_pick_each_architectures_layers():
     assert lora_targets(load_base("all-MiniLM-L6-v2"), "auto") == ["query", "key", "value"]
     assert lora_targets(load_base(MPNET), "auto") == ["q", "k", "v"]
+    # all-linear (the default): attention projections, attention output and feed-forward layers
+    assert lora_targets(load_base("all-MiniLM-L6-v2"), "all-linear") == ["dense", "key", "query", "value"]
+    assert lora_targets(load_base(MPNET), "all-linear") == ["dense", "k", "o", "q", "v"]
     with pytest.raises(CacheloraError, match=r"lora.target_modules: 'query' matches no module \(have: .*\bq\b"):
         lora_targets(load_base(MPNET), ["query"])
 

@@ -96,8 +96,8 @@ def test_queued_experiments_run_in_parallel_and_differ(repo):
 
 
 def test_an_experiment_on_another_base_trains_merges_and_evaluates(repo):
-    """`dvc exp run -S base_model=all-mpnet-base-v2`, nothing else changed: lora.target_modules auto picks
-    MPNet's q/k/v, and every stage from validate on runs on the 768-d model."""
+    """`dvc exp run -S base_model=all-mpnet-base-v2`, nothing else changed: lora.target_modules all-linear
+    picks MPNet's linear layers (q/k/v/o, dense), and every stage from validate on runs on the 768-d model."""
     run(repo, "dvc", "repro")
     commit(repo, "tiny, every stage")
     exp = run(repo, "dvc", "exp", "run", "-S", "base_model=all-mpnet-base-v2")
@@ -105,7 +105,7 @@ def test_an_experiment_on_another_base_trains_merges_and_evaluates(repo):
     assert {"validate@medical", "train@medical", "train@multi", "merge", "evaluate", "report"} <= ran, ran
     for name in ("medical", "multi", "merged"):
         config = json.loads((repo / f"models/{name}/adapter_config.json").read_text())
-        assert sorted(config["target_modules"]) == ["k", "q", "v"], (name, config["target_modules"])
+        assert sorted(config["target_modules"]) == ["dense", "k", "o", "q", "v"], (name, config["target_modules"])
     info = json.loads((repo / "models/multi/training_info.json").read_text())
     assert info["base_model"]["name"] == "all-mpnet-base-v2"
     metrics = json.loads((repo / "metrics/eval.json").read_text())

@@ -36,12 +36,15 @@ ATTENTION_PROJECTIONS = (
 
 
 def lora_targets(model: SentenceTransformer, wanted: list[str] | str) -> list[str]:
-    """The modules LoRA wraps: ``auto`` picks the architecture's attention projections; named
-    targets must exist (an unknown one is named with the modules there are)."""
+    """The modules LoRA wraps: ``auto`` picks the architecture's attention projections, ``all-linear``
+    every linear layer's name; named targets must exist (an unknown one is named with the modules
+    there are)."""
     modules = dict(model[0].model.named_modules())
     names = {name.rsplit(".", 1)[-1] for name in modules}
+    linear = {n.rsplit(".", 1)[-1] for n, m in modules.items() if isinstance(m, torch.nn.Linear)}
+    if wanted == "all-linear":
+        return sorted(linear)
     if wanted == "auto":
-        linear = {n.rsplit(".", 1)[-1] for n, m in modules.items() if isinstance(m, torch.nn.Linear)}
         for family in ATTENTION_PROJECTIONS:
             if set(family) <= linear:
                 return list(family)

@@ -73,12 +73,14 @@ class LoraParams(_Strict):
     rank: int = Field(8, gt=0)
     alpha: float = Field(16, gt=0)
     dropout: float = Field(0.1, ge=0, lt=1)
-    target_modules: Literal["auto"] | list[str] = "auto"  # auto: the architecture's attention projections
+    # auto: the architecture's attention projections; all-linear: every linear layer of the encoder
+    # (attention projections, attention output and feed-forward layers); or a list of module names
+    target_modules: Literal["auto", "all-linear"] | list[str] = "all-linear"
 
     @model_validator(mode="after")
     def _some_target(self) -> LoraParams:
         if not self.target_modules:
-            raise ValueError("target_modules: name at least one module, or auto")
+            raise ValueError("target_modules: name at least one module, or auto, or all-linear")
         return self
 
 
