@@ -1,6 +1,7 @@
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 from cachelora.adapters import (
@@ -9,6 +10,7 @@ from cachelora.adapters import (
     WEIGHTS,
     canonical_config,
     load_adapter_model,
+    load_served_model,
     read_info,
     save_adapter,
 )
@@ -101,3 +103,11 @@ def test_config_of_another_rank_is_an_error(tiny_adapter, tmp_path):
     (adapter / CONFIG).write_text(json.dumps({**config, "r": 8}))
     with pytest.raises(CacheloraError, match=r"adapter does not load \(RuntimeError"):
         load_adapter_model(adapter)
+
+
+def test_the_served_model_is_the_adapter_merged_in_with_the_same_embeddings(tiny_adapter):
+    """What evaluate scores and export ships: no peft layer left, embeddings as base + adapter."""
+    text = ["how long does recovery take after knee surgery", "is it safe to drive after a concussion"]
+    served = load_served_model(tiny_adapter)
+    assert not hasattr(served[0].model, "peft_config")
+    assert np.allclose(served.encode(text), load_adapter_model(tiny_adapter).encode(text), atol=1e-5)

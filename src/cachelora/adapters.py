@@ -127,6 +127,20 @@ def load_adapter_model(
     return model
 
 
+def merged_for_serving(model: SentenceTransformer) -> SentenceTransformer:
+    """The model with any peft adapter merged into the base weights, as export ships it (and as fast
+    as the base: an unmerged all-linear adapter doubles the encode time)."""
+    inner = model[0].model
+    if hasattr(inner, "merge_and_unload"):
+        model[0].model = inner.merge_and_unload()
+    return model
+
+
+def load_served_model(adapter_dir: str | Path, device: str = "cpu") -> SentenceTransformer:
+    """:func:`load_adapter_model` with the adapter merged in: what export ships and evaluate scores."""
+    return merged_for_serving(load_adapter_model(adapter_dir, device))
+
+
 def canonical_config(config: dict[str, Any]) -> dict[str, Any]:
     """``adapter_config.json`` as a function of its content: set-valued lists sorted (keys are sorted on write)."""
     return {

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from cachelora.adapters import merged_for_serving
+
 log = logging.getLogger(__name__)
 
 BATCH_SIZES = (1, 32)
@@ -22,14 +24,6 @@ BATCH_SIZES = (1, 32)
 def parameter_count(model: Any) -> int:
     """Parameters as served: an adapter is merged into the base first (no LoRA at serving time)."""
     return sum(p.numel() for p in model.parameters())
-
-
-def merged_for_serving(model: Any) -> Any:
-    """The model with any peft adapter merged in, as export ships it."""
-    inner = model[0].model
-    if hasattr(inner, "merge_and_unload"):
-        model[0].model = inner.merge_and_unload()
-    return model
 
 
 def ms_per_query(model: Any, queries: list[str], batch_size: int, repeats: int) -> float:

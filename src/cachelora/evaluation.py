@@ -193,12 +193,12 @@ def score_models(
 
 def model_loaders(base_model: str, adapters: dict[str, Path], device: str = "cpu") -> dict[str, Callable[[], Any]]:
     """Lazy loaders: ``baseline`` (the base model alone) first, then base + each adapter."""
-    from cachelora.adapters import load_adapter_model
+    from cachelora.adapters import load_served_model
     from cachelora.base_model import load_base
 
     loaders: dict[str, Callable[[], Any]] = {BASELINE: partial(load_base, base_model, device)}
     for name, path in adapters.items():
-        loaders[name] = partial(load_adapter_model, path, device)
+        loaders[name] = partial(load_served_model, path, device)
     return loaders
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from cachelora import paths
-from cachelora.adapters import WEIGHTS, load_adapter_model, read_info
+from cachelora.adapters import WEIGHTS, load_served_model, read_info
 from cachelora.errors import CacheloraError
 from cachelora.records import atomic_dir, file_sha256, read_json, write_json, write_text
 
@@ -92,8 +92,7 @@ def _load(model_name: str) -> tuple[Any, dict[str, Any], str | None]:
         return load_base(base), {"name": base, "sha256": weights_sha256(base)}, None
     adapter = paths.model_dir(model_name)
     info = read_info(adapter)
-    model = load_adapter_model(adapter)
-    model[0].model = model[0].model.merge_and_unload()
+    model = load_served_model(adapter)
     return model, info["base_model"], file_sha256(adapter / WEIGHTS)
 
 
