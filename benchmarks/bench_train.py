@@ -76,13 +76,13 @@ def main() -> None:
                        ("--threads", int), ("--out", str)):  # fmt: skip
         parser.add_argument(flag, type=kind)
     parser.add_argument("--device", choices=["cpu", "cuda", "auto"])
-    parser.add_argument("--precision", choices=["fp32", "bf16"])
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--quick", action="store_true", help="16 triplets, 2 rounds, batch 8 (a smoke test)")
     opts = parser.parse_args()
     at_repo_root()
     import torch
 
-    from cachelora.base_model import load_base, pick_device, weights_sha256
+    from cachelora.base_model import load_base, pick_device, pick_precision, weights_sha256
     from cachelora.params import load_params
     from cachelora.records import write_jsonl
     from cachelora.training import make_batches
@@ -95,10 +95,10 @@ def main() -> None:
     threads = opts.threads or params.train.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     batch_size = opts.batch_size or quick.get("batch_size", params.train.batch_size)
-    device, precision = opts.device or params.train.device, opts.precision or params.train.precision
+    device = pick_device(opts.device or params.train.device)
+    precision = pick_precision(opts.precision or params.train.precision, device)  # both sides train in it
     update = {"batch_size": batch_size, "threads": threads, "epochs": 1, "device": device, "precision": precision}
     params = params.model_copy(update={"train": (train := params.train.model_copy(update=update))})
-    device = pick_device(train.device)
     rows, source = triplet_rows(params, domain, count)
 
     base = load_base(params.base_model, device, train.max_seq_length)  # untimed warm-up: imports, page cache

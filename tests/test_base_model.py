@@ -4,7 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cachelora.base_model import HUB_IDS, pick_device, resolve_base, weights_sha256
+from cachelora.base_model import CPU_BF16_PROBES, HUB_IDS, pick_device, pick_precision, resolve_base, weights_sha256
 
 
 def test_offline_package_resolves_to_a_local_directory():
@@ -37,6 +37,22 @@ def test_auto_device_without_cuda_is_cpu(monkeypatch):
         monkeypatch.setattr(torch.cuda, "is_available", lambda present=present: present)
         assert pick_device("auto") == expected
         assert [pick_device(d) for d in ("cpu", "cuda:1", "mps")] == ["cpu", "cuda:1", "mps"]
+
+
+def test_auto_precision_is_bf16_only_where_the_device_computes_it_natively(monkeypatch):
+    import torch
+
+    for avx512_bf16, amx in ((False, False), (True, False), (False, True)):
+        for probe, present in zip(CPU_BF16_PROBES, (avx512_bf16, amx), strict=True):
+            monkeypatch.setattr(torch.cpu, probe, lambda present=present: present, raising=False)
+        assert pick_precision("auto", "cpu") == ("bf16" if avx512_bf16 or amx else "fp32")
+    for probe in CPU_BF16_PROBES:
+        monkeypatch.delattr(torch.cpu, probe, raising=False)  # an older torch without the probes: fp32
+    assert pick_precision("auto", "cpu") == "fp32"
+    for native in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda native=native: native)
+        assert pick_precision("auto", "cuda:0") == ("bf16" if native else "fp32")
+    assert [pick_precision(p, "cpu") for p in ("fp32", "bf16", "fp16")] == ["fp32", "bf16", "fp16"]
 
 
 ORDER_SCRIPT = """

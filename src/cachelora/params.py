@@ -104,7 +104,7 @@ class TrainParams(_Strict):
     temperature: float = Field(0.05, gt=0)
     seed: int = 42
     device: str = "auto"
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where the device computes it natively
     threads: int = Field(0, ge=0)
     distill: DistillParams = DistillParams()
     # single: one process | ddp: `processes` ranks under torchrun, one global batch (see distributed.py)

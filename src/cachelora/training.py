@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from cachelora import distributed, paths
 from cachelora.adapters import add_lora
-from cachelora.base_model import load_base, pick_device, weights_sha256
+from cachelora.base_model import load_base, pick_device, pick_precision, weights_sha256
 from cachelora.distillation import Distillation
 from cachelora.errors import CacheloraError
 from cachelora.params import MULTI, Params
@@ -162,7 +162,8 @@ def train_model(
     tp = params.train
     rows = load_training_rows(files)
     device = distributed.local_device(pick_device(tp.device))
-    if tp.precision == "fp16" and device == "cpu":
+    precision = pick_precision(tp.precision, device)
+    if precision == "fp16" and device == "cpu":
         raise CacheloraError("params.yaml: train.precision: fp16 needs CUDA; use bf16 or fp32 on CPU")
     if tp.threads:
         torch.set_num_threads(tp.threads)
@@ -189,10 +190,18 @@ def train_model(
     scheduler = get_linear_schedule_with_warmup(optimizer, round(tp.warmup * total_steps), total_steps)
     autocast = torch.autocast(
         device_type="cuda" if device.startswith("cuda") else "cpu",
-        dtype=torch.bfloat16 if tp.precision == "bf16" else torch.float16,
-        enabled=tp.precision != "fp32",
+        dtype=torch.bfloat16 if precision == "bf16" else torch.float16,
+        enabled=precision != "fp32",
     )
-    log.info("train %s: %d triplets, %d steps of %d on %s", name, len(rows), total_steps, tp.batch_size, device)
+    log.info(
+        "train %s: %d triplets, %d steps of %d on %s (%s)",
+        name,
+        len(rows),
+        total_steps,
+        tp.batch_size,
+        device,
+        precision,
+    )
 
     model.train()
     history: list[dict[str, float]] = []
@@ -236,6 +245,7 @@ def train_model(
     }
     run = {
         "device": device,
+        "precision": precision,
         "threads": torch.get_num_threads(),
         "wall_time_s": round(wall, 3),
         "triplets_per_s": round(seen / wall, 3),
