@@ -104,3 +104,12 @@ def test_too_few_rows_and_copied_texts_are_refused_with_their_lines(tmp_path):
     result = run("--triplets", tmp_path / "copied.jsonl")
     assert result.exit_code == 1
     assert "copied.jsonl: line(s) 5, 7: anchor, positive and negative must be three different texts" in result.output
+
+
+def test_publish_and_export_default_to_the_deploy_model() -> None:
+    """A release ships what RESULTS.md calls deploy: no command defaults to another model."""
+    from cachelora import cli
+
+    for command in (cli.publish, cli.export):
+        model = next(p for p in command.params if p.name == "model_name")
+        assert model.default is None, command.name

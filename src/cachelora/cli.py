@@ -180,14 +180,20 @@ def verify(pull: bool, recompute: bool) -> None:
 @click.option(
     "--model", "model_name", default=None, help="baseline, merged, multi or a domain (default: eval.json's deploy)."
 )
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory to write the model to.")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="New (or empty) directory to write the model to; a previous export there is replaced.",
+)
+@click.option("--force", is_flag=True, help="Replace a previous export even if its files were edited since.")
 @user_errors
-def export(model_name: str | None, out: Path) -> None:
+def export(model_name: str | None, out: Path, force: bool) -> None:
     """A standalone sentence-transformers directory (LoRA merged in) with cache_config.json and a
     semantic-router config snippet, both carrying the val-chosen thresholds and their measured figures."""
     from cachelora.export import export_model
 
-    config = export_model(model_name, out)
+    config = export_model(model_name, out, force=force)
     g = config["thresholds"]["global"]
     click.echo(
         f"exported {config['model']} to {out}: dim {config['dimension']}, threshold {g['threshold']:.3f} "
@@ -198,9 +204,9 @@ def export(model_name: str | None, out: Path) -> None:
 
 @main.command()
 @click.option("--to", "url", required=True, help="New release prefix, s3://BUCKET/PREFIX (never overwritten).")
-@click.option("--model", "model_name", default="merged", show_default=True, help="Model to export into the release.")
+@click.option("--model", "model_name", default=None, help="Model to export into the release (default: eval.json's deploy).")
 @user_errors
-def publish(url: str, model_name: str) -> None:
+def publish(url: str, model_name: str | None) -> None:
     """Verify, then upload a release: exported model, adapters, RESULTS.md, metrics, dvc.lock, manifest.json.
 
     Prints the release's digest (sha256 of its manifest.json) and records it in releases.json.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -105,14 +106,84 @@ def _pooling(model: Any) -> str | None:
     return None
 
 
+def _files_under(folder: Path) -> list[str]:
+    """Every entry below ``folder`` that is not a directory (files, symlinks, sockets...), relative, sorted;
+    symlinked directories are listed, never followed."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        links = [d for d in dirs if os.path.islink(os.path.join(root, d))]
+        for name in [*files, *links]:
+            found.append((Path(root) / name).relative_to(folder).as_posix())
+    return sorted(found)
+
+
+def check_export_target(out: Path, force: bool = False) -> None:
+    """Refuse an ``--out`` an export would destroy: a file, a symlink, the working directory or one of its
+    parents, or a non-empty directory that is not a previous export. A previous export whose files were
+    edited since is replaced only with ``force``; a directory holding anything an export did not write,
+    never."""
+    kept = "nothing was written"
+    if out.is_symlink():
+        raise CacheloraError(f"{out}: is a symlink; give a new directory ({kept})")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise CacheloraError(f"{out}: exists and is not a directory ({kept})")
+    if out.resolve() in (Path.cwd().resolve(), *Path.cwd().resolve().parents):
+        raise CacheloraError(f"{out}: is the working directory or holds it; give a new directory ({kept})")
+    present = _files_under(out)
+    if not present and not any(out.iterdir()):
+        return
+    config_path = out / CACHE_CONFIG
+    if CACHE_CONFIG not in present:
+        raise CacheloraError(
+            f"{out}: not empty and not a cachelora export (no {CACHE_CONFIG}); give a new directory ({kept})"
+        )
+    checksums = read_json(config_path).get("checksums")
+    if not isinstance(checksums, dict):
+        raise CacheloraError(f"{config_path}: checksums: missing; not an export this version wrote ({kept})")
+    foreign = [f for f in present if f != CACHE_CONFIG and (f not in checksums or (out / f).is_symlink())]
+    if foreign:
+        raise CacheloraError(f"{out / foreign[0]}: not written by an export; {out} is kept even with --force ({kept})")
+    edited = [f for f in present if f in checksums and file_sha256(out / f) != checksums[f]]
+    if edited and not force:
+        raise CacheloraError(f"{out / edited[0]}: edited since it was exported; --force replaces it ({kept})")
+
+
 def export_model(
-    model_name: str | None, out: Path, eval_path: Path = paths.METRICS_DIR / "eval.json"
+    model_name: str | None,
+    out: Path,
+    eval_path: Path = paths.METRICS_DIR / "eval.json",
+    force: bool = False,
 ) -> dict[str, Any]:
-    """Save a model that loads without peft (``deploy``'s choice by default) with its cache thresholds."""
+    """Save a model that loads without peft (``deploy``'s choice by default) with its cache thresholds.
+
+    ``out`` must be new, empty or a previous export (see ``check_export_target``); a failed write
+    (a full disk) leaves ``out`` as it was.
+    """
+    check_export_target(out, force)
     eval_metrics = read_json(eval_path)
     model_name = model_name or eval_metrics["deploy"]["model"]
     thresholds = shipped_thresholds(eval_metrics, model_name)
     model, base, adapter_sha = _load(model_name)
+    try:
+        config = _write_export(model, model_name, base, adapter_sha, eval_metrics, thresholds, out)
+    except OSError as exc:
+        raise CacheloraError(f"{out}: {exc.strerror or exc} (nothing was written)") from None
+    log.info("exported %s to %s (threshold %.3f)", model_name, out, thresholds["global"]["threshold"])
+    return config
+
+
+def _write_export(
+    model: Any,
+    model_name: str,
+    base: dict[str, Any],
+    adapter_sha: str | None,
+    eval_metrics: dict[str, Any],
+    thresholds: dict[str, Any],
+    out: Path,
+) -> dict[str, Any]:
+    """Write the export into a temp directory beside ``out`` and rename it into place."""
     with atomic_dir(out) as tmp:
         model.save(str(tmp))
         modules = [type(m).__name__ for m in model]
@@ -131,5 +202,4 @@ def export_model(
             "checksums": {p.relative_to(tmp).as_posix(): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()},
         }
         write_json(tmp / CACHE_CONFIG, config)
-    log.info("exported %s to %s (threshold %.3f)", model_name, out, thresholds["global"]["threshold"])
     return config

@@ -100,8 +100,18 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+            # Move the old directory aside first: a failure between the two renames puts it back.
+            old = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix="_old.tmp", dir=path.parent))
+            os.replace(path, old / "dir")
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old / "dir", path)
+                raise
+            finally:
+                shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

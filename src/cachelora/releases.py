@@ -211,7 +211,7 @@ def _verify_file(path: Path, entry: dict[str, Any], label: str) -> None:
         raise CacheloraError(f"{label}: sha256 mismatch: expected {entry['sha256']}, got {digest}")
 
 
-def build_release(folder: Path, model_name: str, adapters: list[str]) -> dict[str, Any]:
+def build_release(folder: Path, model_name: str | None, adapters: list[str]) -> dict[str, Any]:
     """A release for consumers without DVC: exported model, adapters, results, metrics, lock, manifest."""
     from cachelora import paths
     from cachelora.export import export_model

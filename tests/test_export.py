@@ -1,0 +1,127 @@
+"""Export never destroys what it did not write: the --out guard and the atomic replace."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from cachelora import export
+from cachelora.errors import CacheloraError
+from cachelora.records import file_sha256, write_json
+
+
+def fake_export(folder: Path, files: dict[str, str]) -> None:
+    """A folder shaped like a previous export: its files and a cache_config.json listing their checksums."""
+    for name, text in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+    write_json(folder / export.CACHE_CONFIG, {"checksums": {n: file_sha256(folder / n) for n in files}})
+
+
+@pytest.fixture
+def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_new_and_empty_targets_are_accepted(in_tmp: Path) -> None:
+    export.check_export_target(in_tmp / "new")
+    (in_tmp / "empty").mkdir()
+    export.check_export_target(in_tmp / "empty")
+
+
+@pytest.mark.parametrize("out", [".", "..", "work"])
+def test_the_working_directory_and_its_parents_are_refused(in_tmp: Path, out: str, monkeypatch) -> None:
+    (in_tmp / "work").mkdir()
+    (in_tmp / "work" / "notes.txt").write_text("mine")
+    monkeypatch.chdir(in_tmp / "work")
+    target = Path(out) if out != "work" else in_tmp / "work"
+    with pytest.raises(CacheloraError, match="working directory"):
+        export.check_export_target(target, force=True)
+    assert (in_tmp / "work" / "notes.txt").read_text() == "mine"
+
+
+def test_a_folder_with_other_files_is_refused_even_with_force(in_tmp: Path) -> None:
+    (in_tmp / "models").mkdir()
+    (in_tmp / "models" / "notes.txt").write_text("mine")
+    for force in (False, True):
+        with pytest.raises(CacheloraError, match="not a cachelora export"):
+            export.check_export_target(in_tmp / "models", force=force)
+    fake_export(in_tmp / "old", {"model.safetensors": "w"})
+    (in_tmp / "old" / "notes.txt").write_text("mine")
+    with pytest.raises(CacheloraError, match=r"notes\.txt: not written by an export"):
+        export.check_export_target(in_tmp / "old", force=True)
+
+
+def test_a_previous_export_is_replaced_and_an_edited_one_only_with_force(in_tmp: Path) -> None:
+    fake_export(in_tmp / "old", {"model.safetensors": "w", "1_Pooling/config.json": "{}"})
+    export.check_export_target(in_tmp / "old")
+    (in_tmp / "old" / "model.safetensors").write_text("edited")
+    with pytest.raises(CacheloraError, match="edited since it was exported; --force"):
+        export.check_export_target(in_tmp / "old")
+    export.check_export_target(in_tmp / "old", force=True)
+
+
+def test_a_file_or_a_symlink_is_refused(in_tmp: Path) -> None:
+    (in_tmp / "file").write_text("x")
+    with pytest.raises(CacheloraError, match="not a directory"):
+        export.check_export_target(in_tmp / "file")
+    (in_tmp / "real").mkdir()
+    os.symlink(in_tmp / "real", in_tmp / "link")
+    with pytest.raises(CacheloraError, match="symlink"):
+        export.check_export_target(in_tmp / "link", force=True)
+    fake_export(in_tmp / "withlink", {"model.safetensors": "w"})
+    os.symlink(in_tmp / "real", in_tmp / "withlink" / "escape")
+    with pytest.raises(CacheloraError, match="escape: not written by an export"):
+        export.check_export_target(in_tmp / "withlink", force=True)
+
+
+class SavesOneFile:
+    """A stand-in serving model: save() writes one weights file."""
+
+    max_seq_length = 48
+
+    def __iter__(self):
+        return iter(())
+
+    def get_embedding_dimension(self) -> int:
+        return 384
+
+    def save(self, folder: str) -> None:
+        (Path(folder) / "model.safetensors").write_text("weights")
+
+
+def test_export_model_leaves_a_folder_of_other_files_as_it_was(in_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through export_model, not only the guard: --out models (trained adapters, notes) is refused, untouched."""
+    (in_tmp / "models" / "medical").mkdir(parents=True)
+    (in_tmp / "models" / "medical" / "adapter_model.safetensors").write_text("trained")
+    (in_tmp / "models" / "notes.txt").write_text("mine")
+    monkeypatch.setattr(export, "_load", lambda name: (SavesOneFile(), {}, None))
+    monkeypatch.setattr(export, "shipped_thresholds", lambda metrics, name: {"global": {"threshold": 0.9}})
+    monkeypatch.setattr(export, "semantic_router_snippet", lambda name, thresholds: "")
+    write_json(in_tmp / "eval.json", {"deploy": {"model": "multi"}})
+    with pytest.raises(CacheloraError, match="not a cachelora export"):
+        export.export_model(None, in_tmp / "models", eval_path=in_tmp / "eval.json")
+    assert (in_tmp / "models" / "notes.txt").read_text() == "mine"
+    assert (in_tmp / "models" / "medical" / "adapter_model.safetensors").read_text() == "trained"
+    assert sorted(p.name for p in in_tmp.iterdir()) == ["eval.json", "models"]
+
+
+def test_a_failed_write_keeps_the_previous_export(in_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk mid-write: one-line error, the old export intact, no temp left beside it."""
+    fake_export(in_tmp / "out", {"model.safetensors": "old weights"})
+    before = {p: p.read_bytes() for p in (in_tmp / "out").rglob("*") if p.is_file()}
+
+    class FullDisk:
+        def save(self, folder: str) -> None:
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export, "_load", lambda name: (FullDisk(), {}, None))
+    monkeypatch.setattr(export, "shipped_thresholds", lambda metrics, name: {"global": {"threshold": 0.9}})
+    write_json(in_tmp / "eval.json", {"deploy": {"model": "multi"}})
+    with pytest.raises(CacheloraError, match="No space left on device"):
+        export.export_model(None, in_tmp / "out", eval_path=in_tmp / "eval.json")
+    assert {p: p.read_bytes() for p in (in_tmp / "out").rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in in_tmp.iterdir()) == ["eval.json", "out"]
