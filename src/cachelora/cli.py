@@ -204,7 +204,9 @@ def export(model_name: str | None, out: Path, force: bool) -> None:
 
 @main.command()
 @click.option("--to", "url", required=True, help="New release prefix, s3://BUCKET/PREFIX (never overwritten).")
-@click.option("--model", "model_name", default=None, help="Model to export into the release (default: eval.json's deploy).")
+@click.option(
+    "--model", "model_name", default=None, help="Model to export into the release (default: eval.json's deploy)."
+)
 @user_errors
 def publish(url: str, model_name: str | None) -> None:
     """Verify, then upload a release: exported model, adapters, RESULTS.md, metrics, dvc.lock, manifest.json.

@@ -111,6 +111,8 @@ def corpus_triplets(
         pairs = [(p, n) for p in original.paraphrases for n in original.negatives]
         chosen = random.Random(f"{seed}:{original.source_id}").sample(pairs, min(per_query, len(pairs)))
         for anchor, negative in chosen:
+            # negatives[0] is the curated near-miss: worded like the query, another answer
+            kind = "near_miss:curated" if negative == original.negatives[0] else "curated"
             row = make_record(
                 original.domain,
                 anchor=anchor,
@@ -123,6 +125,7 @@ def corpus_triplets(
                 split=split,
                 topic_group=group,
                 negative_topic_group=group,
+                negative_kind=kind,
             )
             if any(plan.templates.get(key, split) != split for key in plan.templates_of(row, original.domain)):
                 crossing += 1

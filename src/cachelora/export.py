@@ -18,6 +18,7 @@ CACHE_CONFIG = "cache_config.json"
 
 
 SEMANTIC_ROUTER_CONFIG = "semantic_router.yaml"
+VERIFIER_DIR = "verifier"  # the verifier's folder inside an export
 FIGURES = ("hit_rate", "hit_precision", "false_hit_rate")
 SETS = ("val", "test", "natural_test")
 
@@ -60,6 +61,8 @@ def semantic_router_snippet(model: str, thresholds: dict[str, Any]) -> str:
     lines = [
         f"# cachelora export of '{model}': semantic-cache thresholds for vllm-project/semantic-router.",
         f"# Chosen on {thresholds['chosen_on']}. Merge into your config.yaml.",
+        "# The router does not run cachelora's verifier (the export's verifier/ folder, see cache_config.json):",
+        "# with these embedding thresholds alone it will serve near-misses (same words, another answer).",
         "global:",
         "  stores:",
         "    semantic_cache:",
@@ -79,6 +82,35 @@ def semantic_router_snippet(model: str, thresholds: dict[str, Any]) -> str:
             f"            similarity_threshold: {entry['threshold']:.4f}",
         ]
     return "\n".join(lines) + "\n"
+
+
+def verifier_settings(traffic: dict[str, Any] | None, model: str) -> dict[str, Any] | None:
+    """The verifier block of ``cache_config.json`` for ``model``: the verifier's folder (relative to
+    the export), its threshold (global and per domain), the embedding thresholds it is paired with,
+    all chosen on traffic dev, and the traffic figures measured at exactly those settings. None when
+    the traffic stage shipped another model (or did not run)."""
+    from cachelora.evaluation import ALL
+
+    if not traffic or traffic["shipped"]["model"] != model:
+        return None
+    shipped = traffic["shipped"]
+    settings = shipped["settings"]
+    domains = [d for d in settings if d != ALL]
+    return {
+        "path": VERIFIER_DIR,
+        "threshold": settings[ALL]["verifier_threshold"],
+        "per_domain": {d: settings[d]["verifier_threshold"] for d in domains},
+        "embedding_threshold": settings[ALL]["threshold"],
+        "embedding_per_domain": {d: settings[d]["threshold"] for d in domains},
+        "rule": "hit when cos(query, nearest cached query) >= the domain's embedding threshold AND the "
+        "verifier's score of (query, cached query) >= the domain's verifier threshold",
+        "chosen_on": shipped["chosen_on"],
+        "target_precision": traffic["target_precision"],
+        "near_miss_share": traffic["near_miss_share"],
+        "traffic_dev": shipped["dev"],
+        "traffic_test": shipped["test"],
+        "cost": traffic["cost"],
+    }
 
 
 def _load(model_name: str) -> tuple[Any, dict[str, Any], str | None]:
@@ -165,9 +197,11 @@ def export_model(
     eval_metrics = read_json(eval_path)
     model_name = model_name or eval_metrics["deploy"]["model"]
     thresholds = shipped_thresholds(eval_metrics, model_name)
+    traffic_path = eval_path.parent / "traffic.json"
+    verifier = verifier_settings(read_json(traffic_path) if traffic_path.exists() else None, model_name)
     model, base, adapter_sha = _load(model_name)
     try:
-        config = _write_export(model, model_name, base, adapter_sha, eval_metrics, thresholds, out)
+        config = _write_export(model, model_name, base, adapter_sha, eval_metrics, thresholds, verifier, out)
     except OSError as exc:
         raise CacheloraError(f"{out}: {exc.strerror or exc} (nothing was written)") from None
     log.info("exported %s to %s (threshold %.3f)", model_name, out, thresholds["global"]["threshold"])
@@ -181,11 +215,18 @@ def _write_export(
     adapter_sha: str | None,
     eval_metrics: dict[str, Any],
     thresholds: dict[str, Any],
+    verifier: dict[str, Any] | None,
     out: Path,
 ) -> dict[str, Any]:
     """Write the export into a temp directory beside ``out`` and rename it into place."""
+    import shutil
+
+    from cachelora.verifier import verifier_dir
+
     with atomic_dir(out) as tmp:
         model.save(str(tmp))
+        if verifier is not None:
+            shutil.copytree(verifier_dir(), tmp / VERIFIER_DIR)
         modules = [type(m).__name__ for m in model]
         write_text(tmp / SEMANTIC_ROUTER_CONFIG, semantic_router_snippet(model_name, thresholds))
         config = {
@@ -199,6 +240,7 @@ def _write_export(
             "max_seq_length": model.max_seq_length,
             "similarity": "cosine",
             "thresholds": thresholds,
+            "verifier": verifier,
             "checksums": {p.relative_to(tmp).as_posix(): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()},
         }
         write_json(tmp / CACHE_CONFIG, config)

@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from cachelora.corpus import corpus_triplets, read_corpus
 from cachelora.lexicon import Lexicon, Topic, load_lexicons, render
+from cachelora.near_miss import with_near_misses
 from cachelora.params import Params, SplitParams
 from cachelora.records import write_jsonl
 from cachelora.splitting import SplitPlan
@@ -74,8 +75,9 @@ class OfflineGenerator:
         anc = self._phrase(topic, aspect, avoid=pos)
         siblings = self._siblings(topic, aspect)
         if siblings and self.rng.random() < self.sibling_fraction:
-            neg_topic, neg_aspect = self.rng.choice(siblings), aspect
+            neg_topic, neg_aspect, kind = self.rng.choice(siblings), aspect, "sibling_topic"
         else:
+            kind = "other_aspect"
             neg_topic = topic
             neg_aspect = self.rng.choice([a for a in self.lexicon.aspects_of(topic) if a != aspect])
         neg = self._phrase(neg_topic, neg_aspect)
@@ -101,6 +103,7 @@ class OfflineGenerator:
             negative_source_id=concept_id(domain, neg_topic.name, neg_aspect),
             negative_topic=neg_topic.name,
             negative_aspect=neg_aspect,
+            negative_kind=kind,
             **placed,
         )
 
@@ -138,7 +141,8 @@ def split_counts(total: int, params: SplitParams) -> dict[str, int]:
 
 def generate_offline(params: Params, domain: str, lexicons: dict[str, Lexicon]) -> list[dict[str, Any]]:
     """Each split's share of ``triplets_per_domain``, from that split's topics and templates only, then
-    the domain's curated corpus (``generate.corpus``) placed by the same plan."""
+    the domain's curated corpus (``generate.corpus``) placed by the same plan; a ``near_miss_fraction``
+    share of the rows then get a near-miss of their anchor as the negative."""
     gen = params.generate
     plan = SplitPlan.of(lexicons, params.split)
     rows = []
@@ -148,7 +152,7 @@ def generate_offline(params: Params, domain: str, lexicons: dict[str, Lexicon]) 
     if gen.corpus:
         originals = read_corpus(Path(gen.corpus) / f"{domain}.jsonl", domain)
         rows += corpus_triplets(originals, gen.corpus_triplets_per_query, gen.seed, plan, params.split)
-    return rows
+    return with_near_misses(rows, lexicons[domain], gen.near_miss_fraction, gen.seed, plan)
 
 
 def generate_domain(params: Params, domain: str, out: str | Path, seed_dir: str | Path) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -90,12 +90,28 @@ class Aspect(BaseModel):
         return templates
 
 
+# What makes a near-miss need another answer (DESIGN: re-ask vs near-miss). "number" edits are made by
+# rule (a digit run changed), "sibling" edits from the topics' groups; the rest come from the lexicon.
+NearMissKind = Literal["negation", "number", "population", "version", "jurisdiction", "role", "sibling"]
+
+
+class NearMisses(BaseModel):
+    """Answer-changing edits: ``swaps`` (word or phrase pairs, either side replaced by the other) and
+    ``qualifiers`` (phrases added before the final "?": another population, version, place), per kind."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    swaps: dict[NearMissKind, tuple[tuple[Surface, Surface], ...]] = {}
+    qualifiers: dict[NearMissKind, tuple[Surface, ...]] = {}
+
+
 class Lexicon(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     domain: str
     topics: tuple[Topic, ...] = Field(min_length=2)
     aspects: dict[str, Aspect] = Field(min_length=2)
+    near_misses: NearMisses = NearMisses()
 
     @model_validator(mode="after")
     def _consistent(self) -> Lexicon:

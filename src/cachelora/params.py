@@ -39,6 +39,8 @@ class GenerateParams(_Strict):
     seed: int = 42
     triplets_per_domain: int = Field(1200, ge=1)
     sibling_negative_fraction: float = Field(0.2, ge=0, le=1)
+    # share of rows whose negative becomes a near-miss: an edit of the anchor that changes its answer
+    near_miss_fraction: float = Field(0.0, ge=0, le=1)
     corpus: str | None = "data/corpus"  # offline backend: natural originals, <corpus>/<domain>.jsonl (null = none)
     corpus_triplets_per_query: int = Field(6, ge=1)
     queries_file: str | None = None
@@ -153,6 +155,27 @@ class EvaluateParams(_Strict):
     deploy_on: Literal["val", "natural_dev"] = "natural_dev"
 
 
+class VerifierParams(_Strict):
+    """The CrossEncoder that checks a candidate hit (its own stage, ``train_verifier``)."""
+
+    layers: int = Field(0, ge=0)  # the base model's first N layers (0 = all): fewer is cheaper per lookup
+    max_length: int = Field(64, ge=8, le=512)  # tokens of the (query, cached query) pair
+    batch_size: int = Field(32, ge=2)
+    lr: float = Field(5e-5, gt=0)
+    epochs: int = Field(1, ge=1)
+    warmup: float = Field(0.1, ge=0, lt=1)
+    max_pairs: int = Field(8000, ge=0)  # 0 = every pair of the train splits
+    seed: int = 42
+
+
+class TrafficParams(_Strict):
+    """Traffic replay on the natural traffic sets (``data/natural/traffic/``)."""
+
+    seed: int = 42  # the order re-asks and near-misses arrive in
+    near_miss_share: float = Field(0.1, ge=0, le=1)  # the share the stated hit precision assumes
+    min_groups: int = Field(60, ge=1)  # answer groups each traffic file must hold
+
+
 class Params(_Strict):
     domains: list[str] = Field(min_length=1)
     train_models: list[str]
@@ -165,6 +188,8 @@ class Params(_Strict):
     train: TrainParams = TrainParams()
     merge: MergeParams = MergeParams()
     evaluate: EvaluateParams = EvaluateParams()
+    verifier: VerifierParams = VerifierParams()
+    traffic: TrafficParams = TrafficParams()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

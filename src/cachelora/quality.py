@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -46,9 +47,24 @@ def _frame(rows: list[dict[str, Any]], neg_sim: np.ndarray) -> pd.DataFrame:
         columns[f"{key}_norm"] = [normalise(v) if v else None for v in columns[key]]
     triplets = pd.Series(list(zip(*(columns[f"{k}_norm"] for k in TEXT_FIELDS), strict=True)))
     columns["repeats_earlier_row"] = triplets.duplicated(keep="first").tolist()
+    columns["near_miss_unchanged"] = [_unchanged_edit(r) for r in rows]
     df = pd.DataFrame(columns, dtype=object)
-    df["neg_sim"] = neg_sim
+    # A near-miss is close to its anchor by design: the near-paraphrase check reads other negatives only.
+    df["neg_sim"] = np.where([is_near_miss_edit(r) for r in rows], np.nan, neg_sim)
     return df
+
+
+def is_near_miss_edit(row: dict[str, Any]) -> bool:
+    """A row whose negative is a generated edit of one of its texts (``near_miss_of`` names which)."""
+    return isinstance(row.get("near_miss_of"), str)
+
+
+def _unchanged_edit(row: dict[str, Any]) -> bool:
+    """An "edit" that left the text it was made from as it was (after normalising): no near-miss at all."""
+    if not is_near_miss_edit(row):
+        return False
+    source, negative = row.get(row["near_miss_of"]), row.get("negative")
+    return not isinstance(source, str) or not isinstance(negative, str) or normalise(source) == normalise(negative)
 
 
 def _row_suite(params: ValidateParams, domain: str) -> Any:
@@ -89,6 +105,9 @@ def _row_suite(params: ValidateParams, domain: str) -> Any:
     suite.add_expectation(
         named("duplicate_triplet", gxe.ExpectColumnValuesToBeInSet(column="repeats_earlier_row", value_set=[False]))
     )
+    suite.add_expectation(
+        named("near_miss_unchanged", gxe.ExpectColumnValuesToBeInSet(column="near_miss_unchanged", value_set=[False]))
+    )
     suite.add_expectation(named("wrong_domain", gxe.ExpectColumnValuesToBeInSet(column="domain", value_set=[domain])))
     suite.add_expectation(
         named(
@@ -100,7 +119,14 @@ def _row_suite(params: ValidateParams, domain: str) -> Any:
 
 
 def _validate(df: pd.DataFrame, params: ValidateParams, domain: str) -> list:
-    """Run the row suite in an ephemeral GX context (nothing written to disk, no progress bars)."""
+    """Run the row suite on ``df``."""
+    return run_suite(df, lambda: _row_suite(params, domain))
+
+
+def run_suite(df: pd.DataFrame, make_suite: Callable[[], Any]) -> list:
+    """Run the suite ``make_suite`` builds (once the context exists) on a dataframe, in an ephemeral GX
+    context (nothing written to disk, no progress bars); the results, one per expectation, with their
+    unexpected row indexes."""
     import great_expectations as gx
     from great_expectations.data_context.types.base import (
         DataContextConfig,
@@ -114,10 +140,9 @@ def _validate(df: pd.DataFrame, params: ValidateParams, domain: str) -> list:
         analytics_enabled=False,
     )
     context = gx.get_context(mode="ephemeral", project_config=config)
-    suite = _row_suite(params, domain)
-    asset = context.data_sources.add_pandas("triplets").add_dataframe_asset("rows")
+    asset = context.data_sources.add_pandas("frame").add_dataframe_asset("rows")
     batch = asset.add_batch_definition_whole_dataframe("all").get_batch(batch_parameters={"dataframe": df})
-    return batch.validate(suite, result_format="COMPLETE").results
+    return batch.validate(make_suite(), result_format="COMPLETE").results
 
 
 def negative_similarity(rows: list[dict[str, Any]], model: SentenceTransformer, batch_size: int) -> np.ndarray:

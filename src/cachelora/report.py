@@ -26,6 +26,7 @@ RESULTS = Path("RESULTS.md")
 README = Path("README.md")
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 EVAL = paths.METRICS_DIR / "eval.json"
+TRAFFIC = paths.METRICS_DIR / "traffic.json"
 
 
 # --- citations ---------------------------------------------------------------------------------
@@ -169,6 +170,83 @@ def headline_table(params: Params) -> Table:
     )
 
 
+TRAFFIC_FIGURES = (
+    ("re-ask hit rate", "reask_hit_rate"),
+    ("near-miss wrong-hit rate", "near_miss_wrong_hit_rate"),
+    ("hit precision", "hit_precision"),
+)
+TRAFFIC_MODES = (
+    ("val thresholds (shipped before)", "val_thresholds"),
+    ("embedding alone, traffic-dev thresholds", "embedding"),
+    ("embedding + verifier, traffic-dev thresholds", "with_verifier"),
+)
+
+
+def _traffic_models(params: Params) -> list[tuple[str, str]]:
+    """(label, model) rows of the traffic tables: baseline, the deploy model, each reference."""
+    deploy = read_json(TRAFFIC)["shipped"]["model"]
+    return [
+        ("baseline", BASELINE),
+        *([(f"{deploy} (deploy)", deploy)] if deploy != BASELINE else []),
+        *((r, r) for r in params.evaluate.reference_models),
+    ]
+
+
+def traffic_table(params: Params) -> Table:
+    """The headline: what the shipped cache does on natural traffic test (re-asks and near-misses),
+    per domain, at its shipped settings (the deploy model with the verifier, chosen on traffic dev)."""
+    shipped = read_json(TRAFFIC)["shipped"]
+    rows = []
+    for g in _groups(params):
+        cells = [Cell(TRAFFIC, f"shipped.settings.{g}.threshold", ".3f")]
+        cells.append(Cell(TRAFFIC, f"shipped.settings.{g}.verifier_threshold", ".3f"))
+        cells += [Cell(TRAFFIC, f"shipped.test.{g}.{k}", ".3f") for _, k in TRAFFIC_FIGURES]
+        cells.append(Cell(TRAFFIC, f"shipped.test.{g}.precision_at_near_miss_share", ".3f"))
+        rows.append((g, *cells))
+    share = read_json(TRAFFIC)["near_miss_share"]
+    header = (
+        "domain", "embedding threshold", "verifier threshold", *(f"test {c[0]}" for c in TRAFFIC_FIGURES),
+        f"precision at {share:.0%} near-misses",
+    )  # fmt: skip
+    title = (
+        f"Headline: natural traffic test, the shipped cache ({shipped['model']} + verifier, settings chosen "
+        "on traffic dev; the all row pools each domain at its own settings)"
+    )
+    return Table(title, header, tuple(rows))
+
+
+def traffic_ablation_table(params: Params) -> Table:
+    """Every traffic-replayed model, alone and with the verifier, on traffic dev and test (all domains)."""
+    models = read_json(TRAFFIC)["models"]
+    rows = []
+    for label, m in _traffic_models(params):
+        for mode_label, mode in TRAFFIC_MODES:
+            if mode not in models.get(m, {}):
+                continue
+            cells = (
+                Cell(TRAFFIC, f"models.{m}.{mode}.{s}.{ALL}.{k}", ".3f")
+                for s in ("dev", "test")
+                for _, k in TRAFFIC_FIGURES
+            )
+            rows.append((label, mode_label, *cells))
+    header = ("model", "settings", *(f"{s} {c[0]}" for s in ("dev", "test") for c in TRAFFIC_FIGURES))
+    return Table("Traffic ablation: all domains (dev is in-sample for its own settings)", header, tuple(rows))
+
+
+def traffic_cost_table() -> Table:
+    """What a lookup costs on CPU at batch 1: the embedding, the verifier, and both as shipped."""
+    keys = (
+        ("embedding ms", "embedding_ms_batch_1", ".2f"),
+        ("verifier ms/pair (batch 1)", "verifier_ms_per_pair_batch_1", ".2f"),
+        ("verifier ms/pair (batch 32)", "verifier_ms_per_pair_batch_32", ".2f"),
+        ("share of lookups verified", "candidate_share", ".3f"),
+        ("lookup ms", "lookup_ms_batch_1", ".2f"),
+        ("lookup / embedding", "lookup_over_embedding", ".2f"),
+    )
+    row = tuple(Cell(TRAFFIC, f"cost.{k}", f) for _, k, f in keys)
+    return Table("Cost per lookup, shipped cache (CPU, one run)", tuple(c[0] for c in keys), (row,))
+
+
 def deploy_table(params: Params) -> Table:
     """The model ``deploy`` chose (on val or natural dev), at exactly its shipped (val) thresholds."""
     deploy = read_json(EVAL)["deploy"]
@@ -253,6 +331,9 @@ def training_table(params: Params) -> Table:
 
 def all_tables(params: Params) -> list[Table]:
     return [
+        traffic_table(params),
+        traffic_ablation_table(params),
+        traffic_cost_table(),
         headline_table(params),
         deploy_table(params),
         cost_table(params),
@@ -304,6 +385,10 @@ def render_results(params: Params) -> str:
         "come from the evaluate stage's own run (`metrics/cost.json`): compare them only with each other.",
         "Gain % is the seeds' margin gain over the baseline, with a paired-bootstrap 95 % CI over whole topics.",
         "",
+        "**Traffic replay** (README, Traffic replay): per domain, every original of `data/natural/traffic/<set>` is",
+        "asked first and cached; re-asks (same answer) and near-misses (same words, another answer) follow in a",
+        "seeded order; a miss is cached with its own answer. Settings are chosen on traffic dev, reported on test.",
+        "",
     ]
     for table in all_tables(params):
         lines += _markdown(table, cache, locked)
@@ -312,7 +397,11 @@ def render_results(params: Params) -> str:
 
 def readme_block(params: Params) -> str:
     """README's results block: the headline table, same source as RESULTS.md."""
-    lines = _markdown(headline_table(params), {}, locked_outputs())
+    cache: dict[Path, Any] = {}
+    lines = [
+        *_markdown(traffic_table(params), cache, locked_outputs()),
+        *_markdown(headline_table(params), cache, locked_outputs()),
+    ]
     return "\n".join([BEGIN, *lines, "Full tables and provenance: [RESULTS.md](RESULTS.md).", END])
 
 

@@ -1,0 +1,209 @@
+"""The traffic stage: every model's traffic replay on the natural traffic sets, alone and with the
+verifier, at settings chosen on traffic dev (never on test), and the shipped settings.
+
+For each model and each domain, the embedding threshold (and, with the verifier, the verifier
+threshold) is the setting that answers the most traffic-dev re-asks while hit precision stays at
+``evaluate.target_precision``; traffic test is replayed at exactly that setting. Today's shipped
+thresholds (chosen on generated val, from ``eval.json``) are replayed too, for comparison. The
+shipped setting is ``eval.json``'s deploy model with the verifier; its cost per lookup (CPU, batch 1)
+is measured against the embedding alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from cachelora import paths
+from cachelora.errors import CacheloraError
+from cachelora.evaluation import ALL, BASELINE, corpus_texts, model_loaders, reference_loaders
+from cachelora.params import MERGED, MULTI, Params
+from cachelora.records import read_json, write_json
+from cachelora.splitting import texts_of as triplet_texts
+from cachelora.traffic import (
+    SETS,
+    AnswerGroup,
+    check_traffic,
+    read_traffic_sets,
+    texts_of,
+    traffic_file,
+)
+from cachelora.traffic_replay import Outcome, TrafficReplay, Verifier, calibrate, figures
+from cachelora.triplets import read_triplets
+
+log = logging.getLogger(__name__)
+
+TRAFFIC_JSON = paths.METRICS_DIR / "traffic.json"
+EMBEDDING, WITH_VERIFIER, VAL_THRESHOLDS = "embedding", "with_verifier", "val_thresholds"
+
+
+def contamination(params: Params, sets: dict[str, dict[str, list[AnswerGroup]]]) -> dict[str, int]:
+    """Traffic texts also found where training or choosing could have seen them (must all be 0): both
+    sets against every train split and the corpus; traffic test also against val, natural dev and
+    traffic dev."""
+    train = triplet_texts([r for d in params.domains for r in read_triplets(paths.split_file(d, "train"))])
+    val = triplet_texts([r for d in params.domains for r in read_triplets(paths.split_file(d, "val"))])
+    natural_dev = triplet_texts(read_triplets(paths.natural("dev")))
+    corpus = corpus_texts(params)
+    texts = {s: texts_of([g for groups in sets[s].values() for g in groups]) for s in SETS}
+    counts = {
+        "dev_in_train": len(texts["dev"] & train),
+        "dev_in_corpus": len(texts["dev"] & corpus),
+        "test_in_train": len(texts["test"] & train),
+        "test_in_corpus": len(texts["test"] & corpus),
+        "test_in_val": len(texts["test"] & val),
+        "test_in_natural_dev": len(texts["test"] & natural_dev),
+        "test_in_dev": len(texts["test"] & texts["dev"]),
+    }
+    if any(counts.values()):
+        where = traffic_file("test", "*").parent.parent
+        raise CacheloraError(f"{where}: traffic shares text with data used to train or choose: {counts}")
+    return counts
+
+
+def pooled(outcomes: list[Outcome]) -> Outcome:
+    """Every domain's lookups together (each domain replayed in its own partition)."""
+    return Outcome(*(np.concatenate([getattr(o, f) for o in outcomes]) for f in ("kind", "candidate", "hit", "right")))
+
+
+def replay_model(
+    vectors: dict[str, np.ndarray],
+    sets: dict[str, dict[str, list[AnswerGroup]]],
+    params: Params,
+    verifier: Verifier | None,
+    val_thresholds: dict[str, float] | None,
+) -> dict[str, Any]:
+    """One model's figures on both sets: at dev-chosen settings without and with the verifier, and at
+    the val-chosen thresholds it ships today (when given)."""
+    tp, target = params.traffic, params.evaluate.target_precision
+    replays = {
+        s: {d: TrafficReplay.of(groups, vectors, f"{tp.seed}:{s}:{d}", verifier) for d, groups in by_domain.items()}
+        for s, by_domain in sets.items()
+    }
+    result: dict[str, Any] = {}
+    modes = [EMBEDDING] + ([WITH_VERIFIER] if verifier is not None else [])
+    for mode in modes:
+        settings = {}
+        for d, replay in [*replays["dev"].items(), (ALL, None)]:
+            chosen = [replay] if replay is not None else list(replays["dev"].values())
+            t, v, found = calibrate(chosen, target, mode == WITH_VERIFIER)
+            settings[d] = {"threshold": round(t, 6), "verifier_threshold": v, **found}
+        result[mode] = _at(replays, settings, tp.near_miss_share)
+    if val_thresholds is not None:
+        settings = {d: {"threshold": val_thresholds[d], "verifier_threshold": None} for d in [*replays["dev"], ALL]}
+        result[VAL_THRESHOLDS] = _at(replays, settings, tp.near_miss_share)
+    return result
+
+
+def _at(
+    replays: dict[str, dict[str, TrafficReplay]], settings: dict[str, dict[str, Any]], share: float
+) -> dict[str, Any]:
+    """Per domain: its settings and each set's figures at them; ``all`` pools every domain's lookups."""
+    out: dict[str, Any] = {"settings": settings}
+    for s, by_domain in replays.items():
+        outcomes = {d: r.run(settings[d]["threshold"], settings[d]["verifier_threshold"]) for d, r in by_domain.items()}
+        out[s] = {d: figures(o, share) for d, o in outcomes.items()}
+        out[s][ALL] = figures(pooled(list(outcomes.values())), share)
+    return out
+
+
+def lookup_cost(model: Any, verifier: Any, queries: list[tuple[str, str]], candidate_share: float) -> dict[str, Any]:
+    """CPU ms at batch 1: the embedding of one query, the verifier on one (query, cached) pair, and a
+    lookup (embedding, plus the verifier for the ``candidate_share`` of lookups that reach the embedding
+    threshold); the verifier at batch 32 too. Medians of three passes."""
+
+    def timed(fn: Callable[[], Any], count: int) -> float:
+        fn()  # warm-up
+        runs = []
+        for _ in range(3):
+            started = time.perf_counter()
+            fn()
+            runs.append((time.perf_counter() - started) * 1000 / count)
+        return statistics.median(runs)
+
+    texts = [q for q, _ in queries]
+    with torch.inference_mode():
+        embed = timed(lambda: [model.encode([t], normalize_embeddings=True) for t in texts], len(texts))
+        verify_1 = timed(lambda: [verifier.predict([p], show_progress_bar=False) for p in queries], len(queries))
+        verify_32 = timed(lambda: verifier.predict(queries, batch_size=32, show_progress_bar=False), len(queries))
+    lookup = embed + candidate_share * verify_1
+    return {
+        "queries": len(queries),
+        "threads": torch.get_num_threads(),
+        "embedding_ms_batch_1": round(embed, 3),
+        "verifier_ms_per_pair_batch_1": round(verify_1, 3),
+        "verifier_ms_per_pair_batch_32": round(verify_32, 3),
+        "candidate_share": round(candidate_share, 6),
+        "lookup_ms_batch_1": round(lookup, 3),
+        "lookup_over_embedding": round(lookup / embed, 3),
+    }
+
+
+def pipeline_traffic(params: Params) -> dict[str, Any]:
+    """Check the traffic sets, replay every model on them, and write ``metrics/traffic.json``."""
+    from cachelora.base_model import encode_unique
+    from cachelora.verifier import load_verifier, scorer
+
+    sets = read_traffic_sets(params.domains)
+    checked = {
+        s: {d: check_traffic(groups, str(traffic_file(s, d)), params.traffic.min_groups) for d, groups in by.items()}
+        for s, by in sets.items()
+    }
+    counts = contamination(params, sets)
+    eval_metrics = read_json(paths.METRICS_DIR / "eval.json")
+    deploy = eval_metrics["deploy"]["model"]
+    adapters = [n for n in dict.fromkeys([MULTI, MERGED, deploy]) if n != BASELINE]
+    loaders = model_loaders(params.base_model, {n: paths.model_dir(n) for n in adapters})
+    loaders.update(reference_loaders(params))
+    verifier_model = load_verifier()
+    verify = scorer(verifier_model, params.evaluate.batch_size)
+    texts = sorted({t for by in sets.values() for groups in by.values() for g in groups for t in _texts(g)})
+    models: dict[str, Any] = {}
+    loaded = {}
+    for name, load in loaders.items():
+        model = load()
+        loaded[name] = model
+        vectors = encode_unique(model, texts, params.evaluate.batch_size, desc=f"traffic {name}")
+        val = eval_metrics.get(name, {}).get("val")
+        thresholds = {d: val[d]["threshold"] for d in [*params.domains, ALL]} if val else None
+        log.info("traffic replay: %s", name)
+        models[name] = replay_model(vectors, sets, params, verify, thresholds)
+        if name not in (BASELINE, deploy):
+            del loaded[name]
+    shipped = models[deploy][WITH_VERIFIER]
+    candidates = _candidate_share(shipped)
+    pairs = [(g.reasks[0], g.original) for groups in sets["test"].values() for g in groups][:64]
+    result = {
+        "target_precision": params.evaluate.target_precision,
+        "near_miss_share": params.traffic.near_miss_share,
+        "sets": checked,
+        "contamination": counts,
+        "models": models,
+        "shipped": {
+            "model": deploy,
+            "verifier": "models/verifier",
+            "settings": shipped["settings"],
+            "chosen_on": "traffic dev: the most re-asks answered at hit precision >= target",
+            **{s: shipped[s] for s in SETS},
+        },
+        "cost": lookup_cost(loaded[deploy], verifier_model, pairs, candidates),
+    }
+    write_json(TRAFFIC_JSON, result)
+    return result
+
+
+def _texts(group: AnswerGroup) -> tuple[str, ...]:
+    return (group.original, *group.reasks, *(t for t, _ in group.near_misses))
+
+
+def _candidate_share(entry: dict[str, Any]) -> float:
+    """The share of traffic-test lookups whose nearest entry reaches the embedding threshold: the
+    lookups the verifier is asked about."""
+    test = entry["test"][ALL]
+    return test["candidates"] / max(1, test["reasks"] + test["near_misses"])

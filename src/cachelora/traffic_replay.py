@@ -1,0 +1,144 @@
+"""Traffic replay: what the router's cache does with a stream of re-asks and near-misses.
+
+Per domain (the router partitions its cache by decision) every original is asked first and cached
+with its answer id; then re-asks (the original's answer id) and near-misses (each its own answer id)
+arrive in a seeded order. A lookup takes its nearest cached entry by cosine; it hits when that
+similarity reaches the embedding threshold and, with a verifier, the verifier's score of (query,
+cached query) reaches the verifier threshold. A hit is right when the entry's answer id is the
+query's. **A miss is cached** with its own answer id, as a cache stores the fresh LLM answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from cachelora.traffic import NEAR_MISS, ORIGINAL, REASK, AnswerGroup, Lookup, stream
+
+Verifier = Callable[[list[tuple[str, str]]], np.ndarray]  # (query, cached query) pairs -> scores
+CANDIDATES = 4  # verifier scores computed up front per lookup: its nearest earlier texts
+EMBEDDING_GRID = np.round(np.arange(0.30, 1.0001, 0.02), 4)
+VERIFIER_GRID = np.round(np.r_[np.arange(0.05, 0.3, 0.05), np.arange(0.3, 0.99, 0.02), 0.99, 0.995], 4)
+
+
+@dataclass
+class Outcome:
+    """Per non-original lookup: its kind, whether its nearest entry reached the embedding threshold
+    (a candidate the verifier is asked about), whether it hit, and whether the hit was right."""
+
+    kind: np.ndarray
+    candidate: np.ndarray
+    hit: np.ndarray
+    right: np.ndarray
+
+
+@dataclass
+class TrafficReplay:
+    """One domain's stream with every pairwise cosine, and the verifier's scores as they are needed."""
+
+    lookups: list[Lookup]
+    sims: np.ndarray
+    verifier: Verifier | None = None
+    scores: dict[tuple[int, int], float] = field(default_factory=dict)
+
+    @classmethod
+    def of(
+        cls, groups: list[AnswerGroup], vectors: dict[str, np.ndarray], seed: str, verifier: Verifier | None = None
+    ) -> TrafficReplay:
+        lookups = stream(groups, seed)
+        matrix = np.stack([vectors[lk.text] for lk in lookups])
+        replay = cls(lookups, matrix @ matrix.T, verifier)
+        if verifier is not None:
+            replay._score_candidates()
+        return replay
+
+    def _score_candidates(self) -> None:
+        """Verifier scores of each later lookup against its ``CANDIDATES`` nearest earlier texts, in one batch."""
+        pairs = []
+        first = sum(lk.kind == ORIGINAL for lk in self.lookups)
+        for i in range(first, len(self.lookups)):
+            earlier = self.sims[i, :i]
+            for j in np.argsort(-earlier, kind="stable")[:CANDIDATES]:
+                pairs.append((i, int(j)))
+        self._score(pairs)
+
+    def _score(self, pairs: list[tuple[int, int]]) -> None:
+        missing = [p for p in dict.fromkeys(pairs) if p not in self.scores]
+        if missing and self.verifier is not None:
+            values = self.verifier([(self.lookups[i].text, self.lookups[j].text) for i, j in missing])
+            self.scores.update({p: float(v) for p, v in zip(missing, values, strict=True)})
+
+    def run(self, threshold: float, verifier_threshold: float | None = None) -> Outcome:
+        """Replay the stream at these thresholds (``verifier_threshold`` None: the embedding alone)."""
+        use_verifier = verifier_threshold is not None and self.verifier is not None
+        cached = [i for i, lk in enumerate(self.lookups) if lk.kind == ORIGINAL]
+        kinds, candidates, hits, rights = [], [], [], []
+        for i in range(len(cached), len(self.lookups)):
+            row = self.sims[i, cached]
+            best = int(np.argmax(row))
+            j = cached[best]
+            hit = bool(row[best] >= threshold)
+            candidates.append(hit)
+            if hit and use_verifier:
+                if (i, j) not in self.scores:
+                    self._score([(i, j)])
+                hit = self.scores[(i, j)] >= verifier_threshold
+            kinds.append(self.lookups[i].kind)
+            hits.append(hit)
+            rights.append(hit and self.lookups[j].answer_id == self.lookups[i].answer_id)
+            if not hit:
+                cached.append(i)
+        return Outcome(
+            np.array(kinds), np.array(candidates, dtype=bool), np.array(hits, dtype=bool), np.array(rights, dtype=bool)
+        )
+
+
+def figures(outcome: Outcome, near_miss_share: float) -> dict[str, Any]:
+    """Re-ask hit rate (right hits / re-asks), near-miss wrong-hit rate (hits / near-misses), hit
+    precision (right hits / hits; 1 when nothing hits), and the hit precision a cache would have if
+    ``near_miss_share`` of its repeat traffic were near-misses: (1-π)·r / ((1-π)·(r + r_wrong) + π·w)."""
+    reask, near = outcome.kind == REASK, outcome.kind == NEAR_MISS
+    hits, right = int(outcome.hit.sum()), int(outcome.right.sum())
+    r = float(outcome.right[reask].mean()) if reask.any() else 0.0
+    r_wrong = float((outcome.hit & ~outcome.right)[reask].mean()) if reask.any() else 0.0
+    w = float(outcome.hit[near].mean()) if near.any() else 0.0
+    pi = near_miss_share
+    served = (1 - pi) * (r + r_wrong) + pi * w
+    return {
+        "reasks": int(reask.sum()),
+        "near_misses": int(near.sum()),
+        "reask_hit_rate": round(r, 6),
+        "reask_wrong_hit_rate": round(r_wrong, 6),
+        "near_miss_wrong_hit_rate": round(w, 6),
+        "hit_precision": round(right / hits, 6) if hits else 1.0,
+        "hits": hits,
+        "right_hits": right,
+        "candidates": int(outcome.candidate.sum()),
+        "precision_at_near_miss_share": round((1 - pi) * r / served, 6) if served else 1.0,
+    }
+
+
+def calibrate(
+    replays: list[TrafficReplay], target_precision: float, with_verifier: bool
+) -> tuple[float, float | None, dict[str, Any]]:
+    """The setting that answers the most re-asks while hit precision (over every replay's lookups:
+    one domain, or several partitions pooled) stays >= ``target_precision``; ties go to the higher
+    thresholds. Without a feasible setting: a threshold above every similarity (nothing hits)."""
+    best: tuple[tuple[float, float, float], float, float | None] | None = None
+    for v in VERIFIER_GRID if with_verifier else [None]:
+        for t in EMBEDDING_GRID:
+            runs = [r.run(float(t), None if v is None else float(v)) for r in replays]
+            hits = sum(int(o.hit.sum()) for o in runs)
+            right = sum(int(o.right.sum()) for o in runs)
+            if not hits or right / hits < target_precision:
+                continue
+            reasks = sum(int((o.kind == REASK).sum()) for o in runs)
+            key = (right / reasks, float(t), -1.0 if v is None else float(v))
+            if best is None or key > best[0]:
+                best = (key, float(t), None if v is None else float(v))
+    if best is None:
+        return float(np.nextafter(1.0, 2.0)), (1.0 if with_verifier else None), {"feasible": False}
+    return best[1], best[2], {"feasible": True}

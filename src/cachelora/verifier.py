@@ -1,0 +1,158 @@
+"""The verifier: a sentence-transformers ``CrossEncoder`` that reads (new query, cached query) together
+and says whether the cached answer serves the new query.
+
+It is built from the base model's own weights (a fresh one-logit head on the first
+``verifier.layers`` layers) and trained with BinaryCrossEntropyLoss on pairs from every domain's
+train split: (anchor, positive) is a re-ask (1); (anchor, negative) is not (0), and the negatives
+hold the near-miss edits (same words, another answer) beside other-aspect and sibling-topic
+questions. Half the pairs, drawn seeded, are presented the other way round, so the order in which a
+cache passes the two queries does not matter. The cache asks it only about candidate hits.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cachelora import paths
+from cachelora.base_model import resolve_base, weights_sha256
+from cachelora.params import Params
+from cachelora.records import file_md5
+from cachelora.triplets import read_triplets
+
+log = logging.getLogger(__name__)
+
+VERIFIER = "verifier"
+
+
+def verifier_dir() -> Path:
+    return paths.MODELS_DIR / VERIFIER
+
+
+def training_pairs(rows: list[dict[str, Any]], max_pairs: int, seed: int) -> list[tuple[str, str, int]]:
+    """(query, cached, label) pairs: each row's (anchor, positive) as 1 and (anchor, negative) as 0, a
+    seeded half of them swapped; at most ``max_pairs`` (a seeded sample of rows, both pairs of a row
+    kept together: as many re-asks as not). Near-miss rows are kept first when sampling."""
+    rng = random.Random(f"{seed}:{VERIFIER}")
+    order = list(range(len(rows)))
+    rng.shuffle(order)
+    if max_pairs:
+        order = sorted(order, key=lambda i: "near_miss_of" not in rows[i])[: max_pairs // 2]
+        rng.shuffle(order)
+    pairs = []
+    for i in order:
+        row = rows[i]
+        for other, label in ((row["positive"], 1), (row["negative"], 0)):
+            pair = (row["anchor"], other) if rng.random() < 0.5 else (other, row["anchor"])
+            pairs.append((*pair, label))
+    return pairs
+
+
+def new_cross_encoder(params: Params) -> Any:
+    """A CrossEncoder on the base model's weights: its first ``verifier.layers`` layers (0 = all) and
+    a new one-logit head."""
+    from sentence_transformers.cross_encoder import CrossEncoder
+
+    vp = params.verifier
+    config = {"num_hidden_layers": vp.layers} if vp.layers else {}
+    return CrossEncoder(
+        resolve_base(params.base_model), num_labels=1, max_length=vp.max_length, config_kwargs=config, device="cpu"
+    )
+
+
+def train_verifier(params: Params) -> tuple[Any, dict[str, Any], list[dict[str, float]]]:
+    """Train the verifier on every domain's train split; the model, its facts and the loss per step."""
+    from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
+    from transformers import get_linear_schedule_with_warmup
+
+    vp = params.verifier
+    if params.train.threads:
+        torch.set_num_threads(params.train.threads)
+    random.seed(vp.seed)
+    torch.manual_seed(vp.seed)
+    files = [paths.split_file(d, "train") for d in params.domains]
+    rows = [row for f in files for row in read_triplets(f)]
+    pairs = training_pairs(rows, vp.max_pairs, vp.seed)
+    model = new_cross_encoder(params)
+    loss_fn = BinaryCrossEntropyLoss(model)
+    steps = max(1, math.ceil(len(pairs) / vp.batch_size) * vp.epochs)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=vp.lr)
+    scheduler = get_linear_schedule_with_warmup(optimizer, round(vp.warmup * steps), steps)
+    rng = random.Random(vp.seed)
+    log.info("train verifier: %d pairs, %d steps of %d", len(pairs), steps, vp.batch_size)
+    model.train()
+    history, order = [], []
+    started = time.perf_counter()
+    with tqdm(total=steps, desc="train verifier", unit="step") as bar:
+        for step in range(1, steps + 1):
+            if not order:
+                order = list(range(len(pairs)))
+                rng.shuffle(order)
+            batch = [pairs[i] for i in order[: vp.batch_size]]
+            del order[: vp.batch_size]
+            queries, cached, labels = zip(*batch, strict=True)
+            loss = loss_fn([list(queries), list(cached)], torch.tensor(labels, dtype=torch.float32))
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            history.append({"step": step, "loss": round(float(loss), 6), "lr": scheduler.get_last_lr()[0]})
+            bar.set_postfix(loss=f"{float(loss):.4f}")
+            bar.update()
+    model.eval()
+    wall = time.perf_counter() - started
+    info = {
+        "name": VERIFIER,
+        "base_model": {"name": params.base_model, "sha256": weights_sha256(params.base_model)},
+        "params": vp.model_dump(),
+        "data": {str(f): file_md5(f) for f in files},
+        "pairs": len(pairs),
+        "near_miss_pairs": sum(1 for i in range(len(rows)) if "near_miss_of" in rows[i]),
+        "steps": steps,
+        "wall_time_s": round(wall, 3),
+        "pairs_per_s": round(steps * vp.batch_size / wall, 3),
+    }
+    return model, info, history
+
+
+def load_verifier(path: str | Path = "") -> Any:
+    """The trained verifier from ``path`` (default ``models/verifier``), on CPU, in eval mode."""
+    from sentence_transformers.cross_encoder import CrossEncoder
+
+    model = CrossEncoder(str(path or verifier_dir()), device="cpu")
+    model.eval()
+    return model
+
+
+def scorer(model: Any, batch_size: int = 64) -> Any:
+    """(query, cached) pairs -> probabilities that the cached answer serves the query."""
+
+    def score(pairs: list[tuple[str, str]]) -> np.ndarray:
+        if not pairs:
+            return np.zeros(0)
+        return np.asarray(model.predict(pairs, batch_size=batch_size, show_progress_bar=False), dtype=np.float64)
+
+    return score
+
+
+def save_verifier(model: Any, out_dir: Path, info: dict[str, Any], probe: list[tuple[str, str]]) -> None:
+    """Save into a temp dir, reload with plain ``CrossEncoder``, compare scores, then rename into place."""
+    from cachelora.errors import CacheloraError
+    from cachelora.records import atomic_dir, write_json
+
+    with atomic_dir(out_dir) as tmp:
+        model.save(str(tmp))
+        (tmp / "README.md").unlink(missing_ok=True)  # a generated model card with run-dependent text
+        write_json(tmp / "training_info.json", info | {"wall_time_s": None, "pairs_per_s": None})
+        diff = float(np.abs(scorer(model)(probe) - scorer(load_verifier(tmp))(probe)).max())
+        if diff > 1e-5:
+            raise CacheloraError(f"{out_dir}: reloaded verifier differs from the trained one (max |Δ| = {diff:.2e})")
+    log.info("saved %s (reload check max |Δ| = %.1e)", out_dir, diff)

@@ -1,0 +1,24 @@
+"""DVC stage train_verifier: the CrossEncoder that checks a candidate cache hit (models/verifier)."""
+
+import click
+
+from cachelora import paths
+from cachelora.entrypoint import user_errors
+from cachelora.params import load_params
+from cachelora.records import write_json
+from cachelora.verifier import VERIFIER, save_verifier, train_verifier, verifier_dir
+
+
+@click.command()
+@user_errors
+def main() -> None:
+    params = load_params()
+    model, info, history = train_verifier(params)
+    probe = [("is it safe to drive after a concussion", "can I drive the day after a concussion")] * 2
+    save_verifier(model, verifier_dir(), info, probe)
+    write_json(paths.stage_metrics(VERIFIER, "train"), info)
+    write_json(paths.loss_plot(VERIFIER), history)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Traffic replay: originals first, misses cached, near-misses never right, settings from dev only."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cachelora.traffic import NEAR_MISS, ORIGINAL, REASK, AnswerGroup
+from cachelora.traffic_evaluation import EMBEDDING, WITH_VERIFIER, replay_model
+from cachelora.traffic_replay import TrafficReplay, calibrate, figures
+from tests.conftest import tiny_params
+
+
+def unit(*xs: float) -> np.ndarray:
+    v = np.array(xs, dtype=float)
+    return v / np.linalg.norm(v)
+
+
+GROUP = AnswerGroup(
+    "g1",
+    "medical",
+    original="deposit back in california",
+    reasks=("ca landlord kept my deposit",),
+    near_misses=(("deposit back in texas", "jurisdiction"),),
+)
+VECTORS = {
+    "deposit back in california": unit(1, 0, 0),
+    "ca landlord kept my deposit": unit(0.8, 0.6, 0),  # cos 0.8 to the original
+    "deposit back in texas": unit(0.95, 0, 0.312),  # cos 0.95: the near-miss is closer than the re-ask
+}
+
+
+def by_kind(replay: TrafficReplay, t: float, v: float | None = None) -> dict[str, tuple[bool, bool]]:
+    out = replay.run(t, v)
+    return {str(k): (bool(h), bool(r)) for k, h, r in zip(out.kind, out.hit, out.right, strict=True)}
+
+
+def test_originals_come_first_then_a_seeded_order() -> None:
+    groups = [GROUP, AnswerGroup("g2", "medical", "o2", ("r2a", "r2b"), (("n2", "number"),))]
+    lookups = TrafficReplay.of(
+        groups, {**VECTORS, **{t: unit(0, 1, 1) for t in ("o2", "r2a", "r2b", "n2")}}, "s"
+    ).lookups
+    assert [lk.kind for lk in lookups[:2]] == [ORIGINAL, ORIGINAL]
+    assert {lk.answer_id for lk in lookups if lk.kind == NEAR_MISS} == {"g1:near_miss:0", "g2:near_miss:0"}
+
+
+def test_a_near_miss_that_hits_its_own_original_is_a_wrong_hit() -> None:
+    replay = TrafficReplay.of([GROUP], VECTORS, "seed")
+    assert by_kind(replay, 0.7) == {NEAR_MISS: (True, False), REASK: (True, True)}
+    f = figures(replay.run(0.7), near_miss_share=0.1)
+    assert f["near_miss_wrong_hit_rate"] == 1.0 and f["reask_hit_rate"] == 1.0 and f["hit_precision"] == 0.5
+    assert f["precision_at_near_miss_share"] == round(0.9 / (0.9 + 0.1), 6)
+
+
+def test_a_miss_is_cached_with_its_own_answer() -> None:
+    """The near-miss (cos 0.85 to the original) misses at 0.9 and is cached; the re-ask, below 0.9 to
+    the original but at 0.99 to the near-miss, then finds the near-miss: a wrong hit. A replay
+    that did not cache misses would see the original only and miss."""
+    group = AnswerGroup("g1", "medical", "orig", ("reask",), (("near", "number"),))
+    vectors = {"orig": unit(1, 0, 0), "near": unit(0.85, 0.527, 0)}
+    vectors["reask"] = unit(*(0.99 * vectors["near"] + 0.141 * unit(0, 0, 1)))
+    seed = next(s for s in map(str, range(50)) if TrafficReplay.of([group], vectors, s).lookups[1].kind == NEAR_MISS)
+    replay = TrafficReplay.of([group], vectors, seed)
+    assert float(vectors["reask"] @ vectors["orig"]) < 0.9 < float(vectors["reask"] @ vectors["near"])
+    assert by_kind(replay, 0.9) == {NEAR_MISS: (False, False), REASK: (True, False)}
+
+
+def test_the_verifier_refuses_a_candidate_and_only_candidates_are_verified() -> None:
+    asked: list[tuple[str, str]] = []
+
+    def verifier(pairs: list[tuple[str, str]]) -> np.ndarray:
+        asked.extend(pairs)
+        return np.array([0.1 if "texas" in q + c else 0.9 for q, c in pairs])
+
+    replay = TrafficReplay.of([GROUP], VECTORS, "seed", verifier)
+    assert by_kind(replay, 0.7, 0.5) == {NEAR_MISS: (False, False), REASK: (True, True)}
+    out = replay.run(0.9, 0.5)  # only the near-miss (0.95) is a candidate at 0.9
+    assert out.candidate.tolist() == [k == NEAR_MISS for k in out.kind]
+
+
+def test_settings_are_chosen_on_dev_and_only_reported_on_test() -> None:
+    """Dev separates re-asks (0.8) from near-misses (0.6); test does not (its near-miss is closer):
+    settings chosen on dev are feasible there; chosen on test, nothing would ever hit."""
+    dev_vectors = {**VECTORS, "deposit back in texas": unit(0.6, 0, 0.8)}
+    test_group = AnswerGroup("t1", "medical", "tx orig", ("tx reask",), (("tx near", "number"),))
+    test_vectors = {"tx orig": unit(1, 0, 0), "tx reask": unit(0.7, 0.714, 0), "tx near": unit(0.9, 0, 0.436)}
+    sets = {"dev": {"medical": [GROUP]}, "test": {"medical": [test_group]}}
+    result = replay_model({**dev_vectors, **test_vectors}, sets, tiny_params(), None, None)
+    chosen = result[EMBEDDING]["settings"]["medical"]
+    assert chosen["feasible"] and 0.6 < chosen["threshold"] <= 0.8
+    expected, _, _ = calibrate([TrafficReplay.of([GROUP], dev_vectors, "x")], 0.95, with_verifier=False)
+    assert chosen["threshold"] == round(expected, 6)
+    assert result[EMBEDDING]["test"]["medical"]["near_miss_wrong_hit_rate"] == 1.0  # reported, not tuned away
+    assert WITH_VERIFIER not in result
