@@ -125,3 +125,43 @@ def test_a_failed_write_keeps_the_previous_export(in_tmp: Path, monkeypatch: pyt
         export.export_model(None, in_tmp / "out", eval_path=in_tmp / "eval.json")
     assert {p: p.read_bytes() for p in (in_tmp / "out").rglob("*") if p.is_file()} == before
     assert sorted(p.name for p in in_tmp.iterdir()) == ["eval.json", "out"]
+
+
+TRAFFIC = {
+    "target_precision": 0.95,
+    "near_miss_share": 0.1,
+    "cost": {"lookup_over_embedding": 1.8},
+    "shipped": {
+        "model": "multi",
+        "chosen_on": "traffic dev",
+        "settings": {
+            "law": {"threshold": 0.55, "verifier_threshold": 0.7},
+            "all": {"threshold": 0.6, "verifier_threshold": 0.75},
+        },
+        "dev": {"all": {"reask_hit_rate": 0.6}},
+        "test": {"all": {"reask_hit_rate": 0.5}},
+    },
+}
+
+
+def test_the_verifier_ships_beside_the_model_it_was_calibrated_with(in_tmp: Path, monkeypatch) -> None:
+    block = export.verifier_settings(TRAFFIC, "multi")
+    assert block["path"] == export.VERIFIER_DIR and block["threshold"] == 0.75
+    assert block["per_domain"] == {"law": 0.7} and block["embedding_per_domain"] == {"law": 0.55}
+    assert block["traffic_test"] == {"all": {"reask_hit_rate": 0.5}}
+    assert export.verifier_settings(TRAFFIC, "merged") is None  # calibrated with another embedding model
+    assert export.verifier_settings(None, "multi") is None
+
+    verifier = in_tmp / "trained_verifier"
+    verifier.mkdir()
+    (verifier / "config.json").write_text("{}")
+    monkeypatch.setattr("cachelora.verifier.verifier_dir", lambda: verifier)
+    monkeypatch.setattr(export, "_load", lambda name: (SavesOneFile(), {}, None))
+    monkeypatch.setattr(export, "shipped_thresholds", lambda metrics, name: {"global": {"threshold": 0.9}})
+    monkeypatch.setattr(export, "semantic_router_snippet", lambda name, thresholds: "")
+    write_json(in_tmp / "eval.json", {"deploy": {"model": "multi"}})
+    write_json(in_tmp / "traffic.json", TRAFFIC)
+    config = export.export_model(None, in_tmp / "out", eval_path=in_tmp / "eval.json")
+    assert (in_tmp / "out" / "verifier" / "config.json").read_text() == "{}"
+    assert config["verifier"]["per_domain"] == {"law": 0.7} and "verifier/config.json" in config["checksums"]
+    export.check_export_target(in_tmp / "out")  # a later export may replace it

@@ -20,7 +20,7 @@ from cachelora.traffic import NEAR_MISS, ORIGINAL, REASK, AnswerGroup, Lookup, s
 
 Verifier = Callable[[list[tuple[str, str]]], np.ndarray]  # (query, cached query) pairs -> scores
 CANDIDATES = 4  # verifier scores computed up front per lookup: its nearest earlier texts
-EMBEDDING_GRID = np.round(np.arange(0.30, 1.0001, 0.02), 4)
+EMBEDDING_GRID = np.round(np.arange(0.30, 1.0001, 0.01), 4)
 VERIFIER_GRID = np.round(np.r_[np.arange(0.05, 0.3, 0.05), np.arange(0.3, 0.99, 0.02), 0.99, 0.995], 4)
 
 
@@ -43,6 +43,12 @@ class TrafficReplay:
     sims: np.ndarray
     verifier: Verifier | None = None
     scores: dict[tuple[int, int], float] = field(default_factory=dict)
+    nearest_first: list[list[int]] = field(default_factory=list)  # per lookup: earlier texts, nearest first
+
+    def __post_init__(self) -> None:
+        self.nearest_first = [
+            [int(j) for j in np.argsort(-self.sims[i, :i], kind="stable")] for i in range(len(self.lookups))
+        ]
 
     @classmethod
     def of(
@@ -74,13 +80,12 @@ class TrafficReplay:
     def run(self, threshold: float, verifier_threshold: float | None = None) -> Outcome:
         """Replay the stream at these thresholds (``verifier_threshold`` None: the embedding alone)."""
         use_verifier = verifier_threshold is not None and self.verifier is not None
-        cached = [i for i, lk in enumerate(self.lookups) if lk.kind == ORIGINAL]
+        first = sum(lk.kind == ORIGINAL for lk in self.lookups)
+        cached = [i < first for i in range(len(self.lookups))]
         kinds, candidates, hits, rights = [], [], [], []
-        for i in range(len(cached), len(self.lookups)):
-            row = self.sims[i, cached]
-            best = int(np.argmax(row))
-            j = cached[best]
-            hit = bool(row[best] >= threshold)
+        for i in range(first, len(self.lookups)):
+            j = next(j for j in self.nearest_first[i] if cached[j])  # the nearest entry in the cache now
+            hit = bool(self.sims[i, j] >= threshold)
             candidates.append(hit)
             if hit and use_verifier:
                 if (i, j) not in self.scores:
@@ -90,7 +95,7 @@ class TrafficReplay:
             hits.append(hit)
             rights.append(hit and self.lookups[j].answer_id == self.lookups[i].answer_id)
             if not hit:
-                cached.append(i)
+                cached[i] = True
         return Outcome(
             np.array(kinds), np.array(candidates, dtype=bool), np.array(hits, dtype=bool), np.array(rights, dtype=bool)
         )

@@ -1,0 +1,51 @@
+"""The verifier: what it trains on, that it trains at all, and that a plain CrossEncoder reloads it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cachelora import verifier as V
+from cachelora.lexicon import Lexicon
+from cachelora.near_miss import with_near_misses
+from tests.conftest import TINY_LEXICON, tiny_params, tiny_rows
+
+RULES = {"swaps": {"negation": [["can", "can't"]]}, "qualifiers": {"population": ["in children", "in adults"]}}
+ROWS = with_near_misses(tiny_rows(40), Lexicon.model_validate({**TINY_LEXICON, "near_misses": RULES}), 0.5, seed=3)
+
+
+def test_pairs_are_reasks_against_negatives_with_near_misses_kept_first() -> None:
+    pairs = V.training_pairs(ROWS, max_pairs=0, seed=1)
+    assert len(pairs) == 2 * len(ROWS) and sum(label for *_, label in pairs) == len(ROWS)
+    by_row = {(r["anchor"], r["positive"]): 1 for r in ROWS} | {(r["anchor"], r["negative"]): 0 for r in ROWS}
+    for q, c, label in pairs:
+        assert by_row.get((q, c), by_row.get((c, q))) == label
+    swapped = sum((q, c) not in by_row for q, c, _ in pairs)
+    assert 0.25 * len(pairs) < swapped < 0.75 * len(pairs)  # both orders are seen
+    near = [r for r in ROWS if "near_miss_of" in r]
+    few = V.training_pairs(ROWS, max_pairs=2 * len(near), seed=1)
+    negatives = {frozenset((q, c)) for q, c, label in few if label == 0}
+    assert negatives == {frozenset((r["anchor"], r["negative"])) for r in near}  # near-miss rows first
+
+
+def test_the_verifier_learns_and_reloads_as_a_plain_cross_encoder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A short training run lowers the loss; the saved folder loads with sentence_transformers.CrossEncoder
+    and scores exactly as the trained model."""
+    from sentence_transformers.cross_encoder import CrossEncoder
+
+    from cachelora.records import write_jsonl
+
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "data" / "splits" / "medical" / "train.jsonl", ROWS)
+    params = tiny_params(verifier={"layers": 1, "max_pairs": 0, "batch_size": 16, "lr": 2e-4, "epochs": 3})
+    model, info, history = V.train_verifier(params)
+    first, last = history[0]["loss"], np.mean([h["loss"] for h in history[-3:]])
+    assert last < first and info["pairs"] == 2 * len(ROWS) and info["near_miss_pairs"] > 0
+    probe = [(r["anchor"], r["positive"]) for r in ROWS[:4]]
+    V.save_verifier(model, tmp_path / "verifier", info, probe)
+    plain = CrossEncoder(str(tmp_path / "verifier"), device="cpu")
+    np.testing.assert_allclose(plain.predict(probe), V.scorer(model)(probe), atol=1e-5)
