@@ -84,7 +84,9 @@ def semantic_router_snippet(model: str, thresholds: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def verifier_settings(traffic: dict[str, Any] | None, model: str) -> dict[str, Any] | None:
+def verifier_settings(
+    traffic: dict[str, Any] | None, model: str, cost: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
     """The verifier block of ``cache_config.json`` for ``model``: the verifier's folder (relative to
     the export), its threshold (global and per domain), the embedding thresholds it is paired with,
     all chosen on traffic dev, and the traffic figures measured at exactly those settings. None when
@@ -109,7 +111,7 @@ def verifier_settings(traffic: dict[str, Any] | None, model: str) -> dict[str, A
         "near_miss_share": traffic["near_miss_share"],
         "traffic_dev": shipped["dev"],
         "traffic_test": shipped["test"],
-        "cost": traffic["cost"],
+        "cost": (cost or {}).get("shipped"),
     }
 
 
@@ -197,8 +199,12 @@ def export_model(
     eval_metrics = read_json(eval_path)
     model_name = model_name or eval_metrics["deploy"]["model"]
     thresholds = shipped_thresholds(eval_metrics, model_name)
-    traffic_path = eval_path.parent / "traffic.json"
-    verifier = verifier_settings(read_json(traffic_path) if traffic_path.exists() else None, model_name)
+    traffic_path, cost_path = eval_path.parent / "traffic.json", eval_path.parent / "traffic_cost.json"
+    verifier = verifier_settings(
+        read_json(traffic_path) if traffic_path.exists() else None,
+        model_name,
+        read_json(cost_path) if cost_path.exists() else None,
+    )
     model, base, adapter_sha = _load(model_name)
     try:
         config = _write_export(model, model_name, base, adapter_sha, eval_metrics, thresholds, verifier, out)

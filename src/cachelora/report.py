@@ -19,7 +19,7 @@ from cachelora import paths
 from cachelora.errors import CacheloraError
 from cachelora.evaluation import ALL
 from cachelora.params import BASELINE, MERGED, MULTI, Params
-from cachelora.records import read_json, write_text
+from cachelora.records import file_md5, read_json, write_text
 
 LOCK = Path("dvc.lock")
 RESULTS = Path("RESULTS.md")
@@ -27,6 +27,8 @@ README = Path("README.md")
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 EVAL = paths.METRICS_DIR / "eval.json"
 TRAFFIC = paths.METRICS_DIR / "traffic.json"
+TRAFFIC_COST = paths.METRICS_DIR / "traffic_cost.json"
+ABLATION = Path("benchmarks/results/ablation.json")  # benchmarks/ablation_near_miss.py: no near-miss negatives
 
 
 # --- citations ---------------------------------------------------------------------------------
@@ -229,22 +231,42 @@ def traffic_ablation_table(params: Params) -> Table:
                 for _, k in TRAFFIC_FIGURES
             )
             rows.append((label, mode_label, *cells))
+        if m != BASELINE and ABLATION.is_file() and read_json(ABLATION)["model"] == m:
+            for mode_label, mode in TRAFFIC_MODES[1:]:
+                cells = (
+                    Cell(ABLATION, f"traffic.{mode}.{s}.{ALL}.{k}", ".3f")
+                    for s in ("dev", "test")
+                    for _, k in TRAFFIC_FIGURES
+                )
+                rows.append((f"{m} without near-miss negatives", mode_label, *cells))
     header = ("model", "settings", *(f"{s} {c[0]}" for s in ("dev", "test") for c in TRAFFIC_FIGURES))
     return Table("Traffic ablation: all domains (dev is in-sample for its own settings)", header, tuple(rows))
 
 
-def traffic_cost_table() -> Table:
-    """What a lookup costs on CPU at batch 1: the embedding, the verifier, and both as shipped."""
-    keys = (
-        ("embedding ms", "embedding_ms_batch_1", ".2f"),
-        ("verifier ms/pair (batch 1)", "verifier_ms_per_pair_batch_1", ".2f"),
-        ("verifier ms/pair (batch 32)", "verifier_ms_per_pair_batch_32", ".2f"),
-        ("share of lookups verified", "candidate_share", ".3f"),
-        ("lookup ms", "lookup_ms_batch_1", ".2f"),
-        ("lookup / embedding", "lookup_over_embedding", ".2f"),
+def traffic_cost_table(params: Params) -> Table:
+    """What a lookup costs on CPU at batch 1 for each traffic model, alone and with the verifier (the
+    verifier reads only the lookups whose nearest entry reaches the embedding threshold)."""
+    costs = read_json(TRAFFIC_COST)["models"]
+    rows = []
+    for label, m in _traffic_models(params):
+        for mode_label, mode in TRAFFIC_MODES[1:]:
+            if mode in costs.get(m, {}):
+                rows.append(
+                    (
+                        label,
+                        mode_label,
+                        Cell(TRAFFIC_COST, f"models.{m}.embedding_ms_batch_1", ".2f"),
+                        Cell(TRAFFIC_COST, f"models.{m}.{mode}.candidate_share", ".3f"),
+                        Cell(TRAFFIC_COST, f"models.{m}.{mode}.lookup_ms_batch_1", ".2f"),
+                        Cell(TRAFFIC_COST, f"models.{m}.{mode}.lookup_over_embedding", ".2f"),
+                    )
+                )
+    rows.append(("verifier alone", "one pair", "", "", Cell(TRAFFIC_COST, "verifier_ms_per_pair_batch_1", ".2f"), ""))
+    rows.append(
+        ("verifier alone", "batch 32, per pair", "", "", Cell(TRAFFIC_COST, "verifier_ms_per_pair_batch_32", ".2f"), "")
     )
-    row = tuple(Cell(TRAFFIC, f"cost.{k}", f) for _, k, f in keys)
-    return Table("Cost per lookup, shipped cache (CPU, one run)", tuple(c[0] for c in keys), (row,))
+    header = ("model", "settings", "embedding ms", "share verified (test)", "lookup ms", "lookup / embedding")
+    return Table("Cost per lookup on traffic test (CPU, batch 1, one run)", header, tuple(rows))
 
 
 def deploy_table(params: Params) -> Table:
@@ -333,7 +355,7 @@ def all_tables(params: Params) -> list[Table]:
     return [
         traffic_table(params),
         traffic_ablation_table(params),
-        traffic_cost_table(),
+        traffic_cost_table(params),
         headline_table(params),
         deploy_table(params),
         cost_table(params),
@@ -349,7 +371,10 @@ def all_tables(params: Params) -> list[Table]:
 def _markdown(table: Table, cache: dict[Path, Any], locked: dict[str, str]) -> list[str]:
     lines = [f"### {table.title}", "", "| " + " | ".join(table.header) + " |", "|" + "---|" * len(table.header)]
     lines += ["| " + " | ".join(row) + " |" for row in table.render_rows(cache)]
-    cites = ", ".join(f"`{s}` (md5 `{locked.get(str(s), 'not in dvc.lock')}`)" for s in table.sources())
+    cites = ", ".join(
+        f"`{s}` (md5 `{locked[str(s)]}`)" if str(s) in locked else f"`{s}` (in git, md5 `{file_md5(s)}`)"
+        for s in table.sources()
+    )
     return [*lines, "", f"Source: {cites}; each cell is the JSON key named by its row and column.", ""]
 
 

@@ -12,6 +12,7 @@ is measured against the embedding alone.
 from __future__ import annotations
 
 import logging
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -40,6 +41,7 @@ from cachelora.triplets import read_triplets
 log = logging.getLogger(__name__)
 
 TRAFFIC_JSON = paths.METRICS_DIR / "traffic.json"
+TRAFFIC_COST_JSON = paths.METRICS_DIR / "traffic_cost.json"  # timings of this run (apart from traffic.json)
 EMBEDDING, WITH_VERIFIER, VAL_THRESHOLDS = "embedding", "with_verifier", "val_thresholds"
 
 
@@ -113,36 +115,49 @@ def _at(
     return out
 
 
-def lookup_cost(model: Any, verifier: Any, queries: list[tuple[str, str]], candidate_share: float) -> dict[str, Any]:
-    """CPU ms at batch 1: the embedding of one query, the verifier on one (query, cached) pair, and a
-    lookup (embedding, plus the verifier for the ``candidate_share`` of lookups that reach the embedding
-    threshold); the verifier at batch 32 too. Medians of three passes."""
+def _timed(fn: Callable[[], Any], count: int) -> float:
+    """Median over three passes of ``fn``'s wall time in ms, per one of its ``count`` items (after a warm-up)."""
+    fn()
+    runs = []
+    for _ in range(3):
+        started = time.perf_counter()
+        fn()
+        runs.append((time.perf_counter() - started) * 1000 / count)
+    return statistics.median(runs)
 
-    def timed(fn: Callable[[], Any], count: int) -> float:
-        fn()  # warm-up
-        runs = []
-        for _ in range(3):
-            started = time.perf_counter()
-            fn()
-            runs.append((time.perf_counter() - started) * 1000 / count)
-        return statistics.median(runs)
 
-    texts = [q for q, _ in queries]
+def embedding_ms(model: Any, texts: list[str]) -> float:
+    """CPU ms to embed one query at batch 1."""
     with torch.inference_mode():
-        embed = timed(lambda: [model.encode([t], normalize_embeddings=True) for t in texts], len(texts))
-        verify_1 = timed(lambda: [verifier.predict([p], show_progress_bar=False) for p in queries], len(queries))
-        verify_32 = timed(lambda: verifier.predict(queries, batch_size=32, show_progress_bar=False), len(queries))
-    lookup = embed + candidate_share * verify_1
-    return {
-        "queries": len(queries),
-        "threads": torch.get_num_threads(),
-        "embedding_ms_batch_1": round(embed, 3),
-        "verifier_ms_per_pair_batch_1": round(verify_1, 3),
-        "verifier_ms_per_pair_batch_32": round(verify_32, 3),
-        "candidate_share": round(candidate_share, 6),
-        "lookup_ms_batch_1": round(lookup, 3),
-        "lookup_over_embedding": round(lookup / embed, 3),
-    }
+        return _timed(lambda: [model.encode([t], normalize_embeddings=True) for t in texts], len(texts))
+
+
+def verifier_ms(verifier: Any, pairs: list[tuple[str, str]], batch_size: int) -> float:
+    """CPU ms per (query, cached query) pair at ``batch_size``."""
+    with torch.inference_mode():
+        return _timed(
+            lambda: [verifier.predict(pairs[i : i + batch_size], batch_size=batch_size, show_progress_bar=False)
+                     for i in range(0, len(pairs), batch_size)],
+            len(pairs),
+        )  # fmt: skip
+
+
+def lookup_costs(models: dict[str, Any], embed_ms: dict[str, float], verify_ms: float) -> dict[str, Any]:
+    """Per model and settings: the share of traffic-test lookups the verifier reads (those whose nearest
+    entry reaches the embedding threshold) and the CPU ms of a lookup at batch 1: the embedding, plus
+    the verifier for that share."""
+    out: dict[str, Any] = {}
+    for name, modes in models.items():
+        out[name] = {"embedding_ms_batch_1": round(embed_ms[name], 3)}
+        for mode, entry in modes.items():
+            share = _candidate_share(entry) if mode == WITH_VERIFIER else 0.0
+            lookup = embed_ms[name] + share * verify_ms
+            out[name][mode] = {
+                "candidate_share": round(share, 6),
+                "lookup_ms_batch_1": round(lookup, 3),
+                "lookup_over_embedding": round(lookup / embed_ms[name], 3),
+            }
+    return out
 
 
 def pipeline_traffic(params: Params) -> dict[str, Any]:
@@ -164,21 +179,20 @@ def pipeline_traffic(params: Params) -> dict[str, Any]:
     verifier_model = load_verifier()
     verify = scorer(verifier_model, params.evaluate.batch_size)
     texts = sorted({t for by in sets.values() for groups in by.values() for g in groups for t in _texts(g)})
+    timing_queries = [t for by in sets["test"].values() for g in by for t in g.reasks[:1]][:64]
     models: dict[str, Any] = {}
-    loaded = {}
+    embed_ms: dict[str, float] = {}
     for name, load in loaders.items():
         model = load()
-        loaded[name] = model
         vectors = encode_unique(model, texts, params.evaluate.batch_size, desc=f"traffic {name}")
         val = eval_metrics.get(name, {}).get("val")
         thresholds = {d: val[d]["threshold"] for d in [*params.domains, ALL]} if val else None
         log.info("traffic replay: %s", name)
         models[name] = replay_model(vectors, sets, params, verify, thresholds)
-        if name not in (BASELINE, deploy):
-            del loaded[name]
+        embed_ms[name] = embedding_ms(model, timing_queries)
     shipped = models[deploy][WITH_VERIFIER]
-    candidates = _candidate_share(shipped)
     pairs = [(g.reasks[0], g.original) for groups in sets["test"].values() for g in groups][:64]
+    verify_ms = {b: verifier_ms(verifier_model, pairs, b) for b in (1, 32)}
     result = {
         "target_precision": params.evaluate.target_precision,
         "near_miss_share": params.traffic.near_miss_share,
@@ -192,8 +206,22 @@ def pipeline_traffic(params: Params) -> dict[str, Any]:
             "chosen_on": "traffic dev: the most re-asks answered at hit precision >= target",
             **{s: shipped[s] for s in SETS},
         },
-        "cost": lookup_cost(loaded[deploy], verifier_model, pairs, candidates),
     }
+    costs = lookup_costs(models, embed_ms, verify_ms[1])
+    cost = {
+        "threads": torch.get_num_threads(),
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
+        "queries": len(timing_queries),
+        "verifier_ms_per_pair_batch_1": round(verify_ms[1], 3),
+        "verifier_ms_per_pair_batch_32": round(verify_ms[32], 3),
+        "models": costs,
+        "shipped": {
+            "model": deploy,
+            **costs[deploy][WITH_VERIFIER],
+            "embedding_ms_batch_1": costs[deploy]["embedding_ms_batch_1"],
+        },
+    }
+    write_json(TRAFFIC_COST_JSON, cost)
     write_json(TRAFFIC_JSON, result)
     return result
 
@@ -203,7 +231,5 @@ def _texts(group: AnswerGroup) -> tuple[str, ...]:
 
 
 def _candidate_share(entry: dict[str, Any]) -> float:
-    """The share of traffic-test lookups whose nearest entry reaches the embedding threshold: the
-    lookups the verifier is asked about."""
-    test = entry["test"][ALL]
-    return test["candidates"] / max(1, test["reasks"] + test["near_misses"])
+    """The share of traffic-test lookups (all domains) the verifier reads at these settings."""
+    return float(entry["test"][ALL]["candidate_share"])

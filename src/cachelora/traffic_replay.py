@@ -122,6 +122,7 @@ def figures(outcome: Outcome, near_miss_share: float) -> dict[str, Any]:
         "hits": hits,
         "right_hits": right,
         "candidates": int(outcome.candidate.sum()),
+        "candidate_share": round(float(outcome.candidate.mean()), 6) if len(outcome.kind) else 0.0,
         "precision_at_near_miss_share": round((1 - pi) * r / served, 6) if served else 1.0,
     }
 

@@ -1,0 +1,83 @@
+"""Ablation: the deploy adapter trained without near-miss negatives, on the natural traffic sets.
+
+The pipeline trains with ``generate.near_miss_fraction`` of its rows carrying a near-miss negative;
+this script answers "what did those negatives buy?". In a temp copy of the repo (as bench_pipeline.py
+makes it) it runs the real stage scripts (generate, validate and split for every domain, then train
+for the deploy model, ``multi`` by default) with ``generate.near_miss_fraction: 0`` and nothing else
+changed, then replays the traffic sets with that adapter exactly as the ``traffic`` stage does:
+alone and with the pipeline's verifier (``models/verifier``), at settings chosen on traffic dev.
+Run after ``dvc repro``; writes ``benchmarks/results/ablation.json`` (RESULTS.md's ablation table
+cites it with the adapter's md5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import yaml
+from _common import at_repo_root, finish
+from bench_pipeline import copy_repo
+from bench_scale import run_stage
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="multi", help="the train stage's model to retrain")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    at_repo_root()
+    from cachelora.base_model import encode_unique
+    from cachelora.evaluation import ALL, model_loaders
+    from cachelora.params import load_params
+    from cachelora.records import read_json
+    from cachelora.traffic import read_traffic_sets
+    from cachelora.traffic_evaluation import WITH_VERIFIER, replay_model
+    from cachelora.verifier import load_verifier, scorer
+    from cachelora.verify import dir_md5
+
+    params = load_params()
+    root = Path(tempfile.mkdtemp(prefix="cachelora-ablation-"))
+    try:
+        copy_repo(root, tiny=False)
+        raw = yaml.safe_load((root / "params.yaml").read_text())
+        raw["generate"]["near_miss_fraction"] = 0.0
+        (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+        calls = [(stage, ["--domain", d]) for stage in ("generate", "validate", "split") for d in params.domains]
+        for stage, stage_args in [*calls, ("train", ["--name", args.model])]:
+            took = run_stage(root, stage, stage_args)["wall_s"]
+            print(f"  {stage} {' '.join(stage_args)}: {took:.0f} s", flush=True)
+        adapter = root / "models" / args.model
+        model = model_loaders(params.base_model, {args.model: adapter})[args.model]()
+        sets = read_traffic_sets(params.domains)
+        texts = sorted({t for by in sets.values() for gs in by.values() for g in gs
+                        for t in (g.original, *g.reasks, *(m for m, _ in g.near_misses))})  # fmt: skip
+        vectors = encode_unique(model, texts, params.evaluate.batch_size, desc=f"ablation {args.model}")
+        verify = scorer(load_verifier(), params.evaluate.batch_size)
+        figures = replay_model(vectors, sets, params, verify, None)
+        training = read_json(root / "metrics" / "train" / f"{args.model}.json")
+        result = {
+            "model": args.model,
+            "changed": {"generate.near_miss_fraction": 0.0},
+            "adapter_md5": dir_md5(adapter),
+            "verifier_md5": dir_md5(Path("models/verifier")),
+            "training": training,
+            "traffic": figures,
+        }
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    table = [
+        (f"{mode} {s} {k}", f"{figures[mode][s][ALL][k]:.3f}")
+        for mode in ("embedding", WITH_VERIFIER)
+        for s in ("dev", "test")
+        for k in ("reask_hit_rate", "near_miss_wrong_hit_rate", "hit_precision")
+    ]
+    finish("ablation", args.out, result, table)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
