@@ -2,12 +2,16 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# The semantic router's own offline config validator (vllm-sr), in a venv of its own: tests check the
+# exported router config with it (tests/test_router_config.py; VLLM_SR points elsewhere).
+ROUTER_VENV := .venv-vllm-sr
+export VLLM_SR ?= $(CURDIR)/$(ROUTER_VENV)/bin/vllm-sr
 export DVC_NO_ANALYTICS := 1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install repro test lint bench bench-llm bench-scale bench-setup s3-local clean-venv
+.PHONY: install router-validator repro test lint bench bench-llm bench-scale bench-setup s3-local clean-venv
 
 install: $(VENV)/.installed
 
@@ -16,10 +20,16 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements.lock -e ".[dev]"
 	touch $@
 
+router-validator: $(ROUTER_VENV)/bin/vllm-sr
+
+$(ROUTER_VENV)/bin/vllm-sr:
+	$(PYTHON) -m venv $(ROUTER_VENV)
+	$(ROUTER_VENV)/bin/pip install --quiet --disable-pip-version-check vllm-sr==0.4.0
+
 repro: install
 	$(BIN)/dvc repro
 
-test: install
+test: install router-validator
 	$(BIN)/ruff check src stages tests benchmarks
 	$(BIN)/pytest -q
 

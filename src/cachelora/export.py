@@ -45,10 +45,15 @@ def shipped_thresholds(eval_metrics: dict[str, Any], model: str) -> dict[str, An
     }
 
 
+ROUTER_MODEL_PATH = "/path/to/this/export"  # the placeholder the operator replaces
+
+
 def semantic_router_snippet(model: str, thresholds: dict[str, Any]) -> str:
-    """Cache thresholds in vllm-project/semantic-router's config (schema v0.3): the global
-    ``global.stores.semantic_cache.similarity_threshold`` and a per-decision ``semantic-cache``
-    plugin with its own ``similarity_threshold``."""
+    """Cache settings in vllm-project/semantic-router's config (canonical schema v0.3, as ``vllm-sr
+    config validate`` 0.4.0 checks it): the ``response_cache`` store embedding with ``bert`` from
+    ``model_catalog.embeddings.semantic.bert_model_path`` (this export), its global threshold, and per
+    decision a ``response_cache`` plugin with ``scope: global`` and its own
+    ``semantic.similarity_threshold`` (a decision without one gets the router's 0.8: nothing cascades)."""
 
     def measured(entry: dict[str, Any]) -> str:
         return ", ".join(
@@ -59,27 +64,41 @@ def semantic_router_snippet(model: str, thresholds: dict[str, Any]) -> str:
 
     g = thresholds["global"]
     lines = [
-        f"# cachelora export of '{model}': semantic-cache thresholds for vllm-project/semantic-router.",
-        f"# Chosen on {thresholds['chosen_on']}. Merge into your config.yaml.",
-        "# The router does not run cachelora's verifier (the export's verifier/ folder, see cache_config.json):",
-        "# with these embedding thresholds alone it will serve near-misses (same words, another answer).",
+        f"# cachelora export of '{model}' for vllm-project/semantic-router (canonical config v0.3).",
+        f"# Thresholds chosen on {thresholds['chosen_on']}.",
+        "# Merge into your config.yaml: `global` as is; each decision below names the domain whose queries it",
+        "# routes: add its plugin to your decision for that domain (create one from your own rules and modelRefs).",
+        f"# Replace {ROUTER_MODEL_PATH} with the absolute path of this export directory (config.json,",
+        "# tokenizer.json, model.safetensors): with embedding_model other than bert, or no bert_model_path, the",
+        "# router embeds with its own default model and this model is never used.",
+        "# scope: global caches across users (the router's default, user, skips requests without a user id).",
+        "# The router does not run cachelora's verifier (the export's verifier/ folder, see cache_config.json);",
+        "# with these embedding thresholds alone it will serve some near-misses (same words, another answer).",
+        "# Its own response_cache.polarity_guard (an NLI model of the router's, not measured here) is left off.",
         "global:",
         "  stores:",
-        "    semantic_cache:",
+        "    response_cache:",
         "      enabled: true",
+        "      embedding_model: bert",
         f"      similarity_threshold: {g['threshold']:.4f}  # {measured(g)}",
+        "  model_catalog:",
+        "    embeddings:",
+        "      semantic:",
+        f"        bert_model_path: {ROUTER_MODEL_PATH}",
         "routing:",
         "  decisions:",
     ]
     for domain, entry in thresholds["per_domain"].items():
         lines += [
-            f"    # add this plugin to the decision that routes {domain} queries ({measured(entry)})",
+            f"    # {domain} ({measured(entry)})",
             f"    - name: {domain}",
             "      plugins:",
-            "        - type: semantic-cache",
+            "        - type: response_cache",
             "          configuration:",
             "            enabled: true",
-            f"            similarity_threshold: {entry['threshold']:.4f}",
+            "            scope: global",
+            "            semantic:",
+            f"              similarity_threshold: {entry['threshold']:.4f}",
         ]
     return "\n".join(lines) + "\n"
 
