@@ -81,3 +81,17 @@ def test_encode_batches_do_not_depend_on_the_hash_seed():
         for seed in ("1", "2", "3", "4")
     }
     assert orders == {"a|b|aa|bb|cc|dd\n"}
+
+
+def test_the_default_precision_reproduces_on_any_cpu(monkeypatch):
+    """fp32 unless the user opts in: even on a CPU with native bf16 the default trains in fp32 (bf16
+    kernels round differently on AVX512-BF16 and AMX CPUs, so bf16 adapters differ between machines)."""
+    import torch
+
+    from cachelora.params import TrainParams, load_params
+
+    for probe in CPU_BF16_PROBES:
+        monkeypatch.setattr(torch.cpu, probe, lambda: True, raising=False)
+    assert TrainParams().precision == "fp32" and load_params().train.precision == "fp32"
+    assert pick_precision(load_params().train.precision, "cpu") == "fp32"
+    assert pick_precision("auto", "cpu") == "bf16"  # one -S away

@@ -106,7 +106,9 @@ class TrainParams(_Strict):
     temperature: float = Field(0.05, gt=0)
     seed: int = 42
     device: str = "auto"
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where the device computes it natively
+    # fp32 reproduces bit for bit on any x86 CPU; auto (bf16 where the device computes it natively) is faster
+    # but bf16 kernels round differently across CPUs (AVX512-BF16 vs AMX), so its adapters differ between them.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
     threads: int = Field(0, ge=0)
     distill: DistillParams = DistillParams()
     # single: one process | ddp: `processes` ranks under torchrun, one global batch (see distributed.py)
