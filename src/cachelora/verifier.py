@@ -5,8 +5,9 @@ It is built from the base model's own weights (a fresh one-logit head on the fir
 ``verifier.layers`` layers) and trained with BinaryCrossEntropyLoss on pairs from every domain's
 train split: (anchor, positive) is a re-ask (1); (anchor, negative) is not (0), and the negatives
 hold the near-miss edits (same words, another answer) beside other-aspect and sibling-topic
-questions. Half the pairs, drawn seeded, are presented the other way round, so the order in which a
-cache passes the two queries does not matter. The cache asks it only about candidate hits.
+questions; a near-miss row also gives (positive, negative) = 0, the near-miss of one phrasing against
+the other phrasing. Half the pairs, drawn seeded, are presented the other way round, so the order in
+which a cache passes the two queries does not matter. The cache asks it only about candidate hits.
 """
 
 from __future__ import annotations
@@ -37,22 +38,30 @@ def verifier_dir() -> Path:
     return paths.MODELS_DIR / VERIFIER
 
 
+def row_pairs(row: dict[str, Any]) -> list[tuple[str, str, int]]:
+    """A row's (text, text, label) pairs: (anchor, positive) is a re-ask (1), (anchor, negative) is not
+    (0); a near-miss row also gives (positive, negative) = 0: a near-miss of one phrasing read against
+    the other phrasing, as when a re-ask finds a near-miss of its original cached before it."""
+    pairs = [(row["anchor"], row["positive"], 1), (row["anchor"], row["negative"], 0)]
+    if "near_miss_of" in row:
+        pairs.append((row["positive"], row["negative"], 0))
+    return pairs
+
+
 def training_pairs(rows: list[dict[str, Any]], max_pairs: int, seed: int) -> list[tuple[str, str, int]]:
-    """(query, cached, label) pairs: each row's (anchor, positive) as 1 and (anchor, negative) as 0, a
-    seeded half of them swapped; at most ``max_pairs`` (a seeded sample of rows, both pairs of a row
-    kept together: as many re-asks as not). Near-miss rows are kept first when sampling."""
+    """(query, cached, label) pairs of every row (:func:`row_pairs`), a seeded half of them presented
+    the other way round; at most ``max_pairs`` (0 = all): rows are taken whole, in a seeded order."""
     rng = random.Random(f"{seed}:{VERIFIER}")
     order = list(range(len(rows)))
     rng.shuffle(order)
-    if max_pairs:
-        order = sorted(order, key=lambda i: "near_miss_of" not in rows[i])[: max_pairs // 2]
-        rng.shuffle(order)
-    pairs = []
+    pairs: list[tuple[str, str, int]] = []
     for i in order:
-        row = rows[i]
-        for other, label in ((row["positive"], 1), (row["negative"], 0)):
-            pair = (row["anchor"], other) if rng.random() < 0.5 else (other, row["anchor"])
-            pairs.append((*pair, label))
+        new = row_pairs(rows[i])
+        if max_pairs and len(pairs) + len(new) > max_pairs:
+            break
+        for a, b, label in new:
+            pairs.append((a, b, label) if rng.random() < 0.5 else (b, a, label))
+    rng.shuffle(pairs)
     return pairs
 
 
@@ -115,7 +124,7 @@ def train_verifier(params: Params) -> tuple[Any, dict[str, Any], list[dict[str, 
         "params": vp.model_dump(),
         "data": {str(f): file_md5(f) for f in files},
         "pairs": len(pairs),
-        "near_miss_pairs": sum(1 for i in range(len(rows)) if "near_miss_of" in rows[i]),
+        "near_miss_rows": sum("near_miss_of" in row for row in rows),
         "steps": steps,
         "wall_time_s": round(wall, 3),
         "pairs_per_s": round(steps * vp.batch_size / wall, 3),
