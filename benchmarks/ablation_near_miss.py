@@ -24,6 +24,27 @@ from bench_pipeline import copy_repo
 from bench_scale import run_stage
 
 
+def natural_quality(model: object, params: object) -> dict[str, dict[str, float]]:
+    """AP and triplet accuracy on the natural dev and test sets (all domains), as evaluate scores them."""
+    from sklearn.metrics import average_precision_score
+
+    from cachelora import paths
+    from cachelora.base_model import encode_unique
+    from cachelora.evaluation import Scores, natural_rows
+
+    out = {}
+    for split in ("dev", "test"):
+        rows = [r for rs in natural_rows(paths.natural(split), params.domains, 2).values() for r in rs]
+        vectors = encode_unique(model, [r[f] for r in rows for f in ("anchor", "positive", "negative")])
+        scores = Scores.of(rows, vectors)
+        labels, values = scores.labels_and_scores
+        out[f"natural_{split}"] = {
+            "average_precision": round(float(average_precision_score(labels, values)), 6),
+            "triplet_accuracy": round(float((scores.pos > scores.neg).mean()), 6),
+        }
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="multi", help="the train stage's model to retrain")
@@ -58,6 +79,7 @@ def main() -> None:
         vectors = encode_unique(model, texts, params.evaluate.batch_size, desc=f"ablation {args.model}")
         verify = scorer(load_verifier(), params.evaluate.batch_size)
         figures = replay_model(vectors, sets, params, verify, None)
+        natural = natural_quality(model, params)
         training = read_json(root / "metrics" / "train" / f"{args.model}.json")
         result = {
             "model": args.model,
@@ -66,6 +88,7 @@ def main() -> None:
             "verifier_md5": dir_md5(Path("models/verifier")),
             "training": training,
             "traffic": figures,
+            "natural": natural,
         }
     finally:
         shutil.rmtree(root, ignore_errors=True)

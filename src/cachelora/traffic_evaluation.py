@@ -24,7 +24,7 @@ import torch
 from cachelora import paths
 from cachelora.errors import CacheloraError
 from cachelora.evaluation import ALL, BASELINE, corpus_texts, model_loaders, reference_loaders
-from cachelora.params import MERGED, MULTI, Params
+from cachelora.params import MULTI, Params
 from cachelora.records import read_json, write_json
 from cachelora.splitting import texts_of as triplet_texts
 from cachelora.traffic import (
@@ -80,9 +80,11 @@ def replay_model(
     params: Params,
     verifier: Verifier | None,
     val_thresholds: dict[str, float] | None,
+    pooled_setting: bool = False,
 ) -> dict[str, Any]:
     """One model's figures on both sets: at dev-chosen settings without and with the verifier, and at
-    the val-chosen thresholds it ships today (when given)."""
+    the val-chosen thresholds it ships today (when given). ``pooled_setting`` also chooses one setting
+    for every domain together (``all``: the shipped model's global threshold)."""
     tp, target = params.traffic, params.evaluate.target_precision
     replays = {
         s: {d: TrafficReplay.of(groups, vectors, f"{tp.seed}:{s}:{d}", verifier) for d, groups in by_domain.items()}
@@ -92,7 +94,7 @@ def replay_model(
     modes = [EMBEDDING] + ([WITH_VERIFIER] if verifier is not None else [])
     for mode in modes:
         settings = {}
-        for d, replay in [*replays["dev"].items(), (ALL, None)]:
+        for d, replay in [*replays["dev"].items(), *([(ALL, None)] if pooled_setting else [])]:
             chosen = [replay] if replay is not None else list(replays["dev"].values())
             t, v, found = calibrate(chosen, target, mode == WITH_VERIFIER)
             settings[d] = {"threshold": round(t, 6), "verifier_threshold": v, **found}
@@ -173,7 +175,7 @@ def pipeline_traffic(params: Params) -> dict[str, Any]:
     counts = contamination(params, sets)
     eval_metrics = read_json(paths.METRICS_DIR / "eval.json")
     deploy = eval_metrics["deploy"]["model"]
-    adapters = [n for n in dict.fromkeys([MULTI, MERGED, deploy]) if n != BASELINE]
+    adapters = [n for n in dict.fromkeys([MULTI, deploy]) if n != BASELINE]
     loaders = model_loaders(params.base_model, {n: paths.model_dir(n) for n in adapters})
     loaders.update(reference_loaders(params))
     verifier_model = load_verifier()
@@ -188,7 +190,7 @@ def pipeline_traffic(params: Params) -> dict[str, Any]:
         val = eval_metrics.get(name, {}).get("val")
         thresholds = {d: val[d]["threshold"] for d in [*params.domains, ALL]} if val else None
         log.info("traffic replay: %s", name)
-        models[name] = replay_model(vectors, sets, params, verify, thresholds)
+        models[name] = replay_model(vectors, sets, params, verify, thresholds, pooled_setting=name == deploy)
         embed_ms[name] = embedding_ms(model, timing_queries)
     shipped = models[deploy][WITH_VERIFIER]
     pairs = [(g.reasks[0], g.original) for groups in sets["test"].values() for g in groups][:64]
