@@ -32,6 +32,9 @@ TINY = {
     },
     "lora": {"rank": 4, "alpha": 8},
     "evaluate": {"bootstrap": 100, "reference_models": ["all-MiniLM-L6-v2"], "cost_repeats": 1},
+    # A one-layer verifier on a few hundred pairs, and 4 answer groups per traffic file (shrink_traffic).
+    "verifier": {"layers": 1, "max_pairs": 200, "batch_size": 16},
+    "traffic": {"min_groups": 4},
 }
 
 
@@ -64,6 +67,12 @@ def shrink_natural(repo: Path, per_domain: int = 12) -> None:
         path.write_text("\n".join(kept) + "\n")
 
 
+def shrink_traffic(repo: Path, groups: int = 4) -> None:
+    """Keep the first ``groups`` answer groups of each traffic file (the traffic stage replays every model)."""
+    for path in sorted((repo / "data" / "natural" / "traffic").glob("*/*.jsonl")):
+        path.write_text("\n".join(path.read_text().splitlines()[:groups]) + "\n")
+
+
 def set_params(repo: Path, changes: dict) -> None:
     params = yaml.safe_load((repo / "params.yaml").read_text())
     for section, values in changes.items():
@@ -85,6 +94,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "dvc.lock").unlink(missing_ok=True)
     set_params(root, TINY)
     shrink_natural(root)
+    shrink_traffic(root)
     run(root, "git", "init", "-q")
     run(root, "git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A")
     run(root, "git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "tiny")
@@ -213,7 +223,10 @@ def test_full_pipeline_noop_experiment_and_metrics_diff(repo):
     run(repo, "git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "rank 4")
     exp = run(repo, "dvc", "exp", "run", "-S", "lora.rank=16")
     ran = {line.split("'")[1] for line in exp.stdout.splitlines() if line.startswith("Running stage")}
-    assert ran and all(s.startswith(("check_params", "train@", "merge", "evaluate", "report")) for s in ran), ran
+    assert ran and all(
+        s.startswith(("check_params", "train@", "merge", "evaluate", "traffic", "report")) for s in ran
+    ), ran
+    assert "train_verifier" not in ran  # the verifier does not depend on the embedding's LoRA
     assert not any(s.startswith(("generate", "validate", "split")) for s in ran)
     assert json.loads((repo / "models/medical/adapter_config.json").read_text())["r"] == 16
 
@@ -339,15 +352,26 @@ def test_exported_model_matches_base_plus_adapter(pipeline):
     assert config["thresholds"]["per_domain"]["law"]["threshold"] == metrics["merged"]["val"]["law"]["threshold"]
     assert {"model.safetensors", "config.json", "tokenizer.json", "semantic_router.yaml"} <= set(config["checksums"])
     router = yaml.safe_load((repo / "exported/semantic_router.yaml").read_text())
-    assert router["global"]["stores"]["semantic_cache"]["similarity_threshold"] == round(shipped["threshold"], 4)
+    assert router["global"]["stores"]["response_cache"]["similarity_threshold"] == round(shipped["threshold"], 4)
     plugin = router["routing"]["decisions"][0]["plugins"][0]
-    assert plugin["type"] == "semantic-cache" and plugin["configuration"]["enabled"] is True
+    assert plugin["type"] == "response_cache" and plugin["configuration"]["enabled"] is True
 
     default = run(repo, "cachelora", "export", "--out", "deployed").stdout
     deployed = json.loads((repo / "deployed/cache_config.json").read_text())
     assert deployed["model"] == metrics["deploy"]["model"] and deployed["deploy_choice"]
     assert deployed["thresholds"]["global"]["threshold"] == metrics["deploy"]["threshold"]
     assert f"exported {metrics['deploy']['model']} to deployed" in default
+    traffic = json.loads((repo / "metrics/traffic.json").read_text())
+    assert traffic["shipped"]["model"] == metrics["deploy"]["model"]
+    verifier = deployed["verifier"]
+    assert verifier["per_domain"] == {
+        d: traffic["shipped"]["settings"][d]["verifier_threshold"] for d in verifier["per_domain"]
+    }
+    assert verifier["traffic_test"] == traffic["shipped"]["test"]
+    assert (config["verifier"] is None) == (metrics["deploy"]["model"] != "merged")  # shipped with deploy's model only
+    scores = run(repo, "python", "-c", "from sentence_transformers.cross_encoder import CrossEncoder; "
+                 "print(CrossEncoder('deployed/verifier').predict([('a b c', 'a b d')])[0])").stdout  # fmt: skip
+    assert 0.0 <= float(scores.strip().splitlines()[-1]) <= 1.0
     check = (
         "import sys, numpy as np\n"
         "from sentence_transformers import SentenceTransformer\n"
