@@ -101,3 +101,32 @@ def test_generation_applies_the_fraction(seed_dir, fraction: float) -> None:
     rows = generate_offline(params, "medical", lexicons)
     near = [r for r in rows if "near_miss_of" in r]
     assert (len(near) == 0) if fraction == 0 else (len(near) >= 55)
+
+
+def test_near_miss_negatives_reach_the_loss(tmp_path, monkeypatch) -> None:
+    """Generated near-miss rows go through the train split into MultipleNegativesRankingLoss's
+    hard-negative column, and that column gets a gradient."""
+    import cachelora.training as training
+    from cachelora.records import write_jsonl
+    from tests.conftest import tiny_model_params
+
+    rows = with_near_misses(tiny_rows(24), LEXICON, 1.0, seed=5)
+    near = {r["negative"] for r in rows if "near_miss_of" in r}
+    assert len(near) >= 20
+    path = tmp_path / "train.jsonl"
+    write_jsonl(path, rows)
+    seen: set[str] = set()
+    graded: list[float] = []
+    embed = training.embed_columns
+
+    def recorded(model, tokens, batch):
+        seen.update(row["negative"] for row in batch)
+        columns = embed(model, tokens, batch)
+        columns[2].retain_grad()
+        graded.append(columns[2])
+        return columns
+
+    monkeypatch.setattr(training, "embed_columns", recorded)
+    training.train_model("medical", tiny_model_params(), [path])
+    assert near <= seen
+    assert all(c.grad is not None and float(c.grad.abs().sum()) > 0 for c in graded)
