@@ -54,3 +54,16 @@ def test_the_verifier_learns_and_reloads_as_a_plain_cross_encoder(
     V.save_verifier(model, tmp_path / "verifier", info, probe)
     plain = CrossEncoder(str(tmp_path / "verifier"), device="cpu")
     np.testing.assert_allclose(plain.predict(probe), V.scorer(model)(probe), atol=1e-5)
+
+
+def test_pair_quality_reads_auc_overall_and_on_near_misses() -> None:
+    class Oracle:
+        """Scores 1 for a row's positive, 0 for its negative: a perfect verifier."""
+
+        def predict(self, pairs, batch_size, show_progress_bar):
+            positives = {(r["anchor"], r["positive"]) for r in ROWS}
+            return np.array([1.0 if p in positives else 0.0 for p in pairs])
+
+    quality = V.pair_quality(Oracle(), ROWS)
+    near = sum("near_miss_of" in r for r in ROWS)
+    assert quality == {"rows": len(ROWS), "near_miss_rows": near, "roc_auc": 1.0, "near_miss_roc_auc": 1.0}
