@@ -13,7 +13,7 @@ from subprocess import DEVNULL
 import pytest
 import yaml
 
-from tests.test_pipeline import REPO, TINY, run, set_params, shrink_natural
+from tests.test_pipeline import REPO, TINY, run, set_params, shrink_natural, shrink_traffic
 
 pytestmark = pytest.mark.slow
 TARGET = "train@medical"  # one adapter: the queue re-runs only it, its inputs come from the cache
@@ -30,6 +30,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "dvc.lock").unlink(missing_ok=True)
     set_params(root, TINY)
     shrink_natural(root)
+    shrink_traffic(root)
     # 1 torch thread per experiment: 2 workers on 2 cores at torch's default (2 threads each) oversubscribe
     # the cores and ran ~60x slower (0.6 triplets/s against 34).
     set_params(root, {"train": {"threads": 1}})
