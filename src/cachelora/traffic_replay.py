@@ -20,8 +20,8 @@ from cachelora.traffic import NEAR_MISS, ORIGINAL, REASK, AnswerGroup, Lookup, s
 
 Verifier = Callable[[list[tuple[str, str]]], np.ndarray]  # (query, cached query) pairs -> scores
 CANDIDATES = 4  # verifier scores computed up front per lookup: its nearest earlier texts
-EMBEDDING_GRID = np.round(np.arange(0.30, 1.0001, 0.01), 4)
-VERIFIER_GRID = np.round(np.r_[np.arange(0.05, 0.3, 0.05), np.arange(0.3, 0.99, 0.02), 0.99, 0.995], 4)
+EMBEDDING_GRID = np.round(np.arange(0.30, 1.0001, 0.02), 4)
+VERIFIER_GRID = np.round(np.r_[np.arange(0.1, 0.9, 0.04), 0.9, 0.95, 0.98], 4)
 
 
 @dataclass
