@@ -3,9 +3,10 @@
 The pipeline trains with ``generate.near_miss_fraction`` of its rows carrying a near-miss negative;
 this script answers "what did those negatives buy?". In a temp copy of the repo (as bench_pipeline.py
 makes it) it runs the real stage scripts (generate, validate and split for every domain, then train
-for the deploy model, ``multi`` by default) with ``generate.near_miss_fraction: 0`` and nothing else
-changed, then replays the traffic sets with that adapter exactly as the ``traffic`` stage does:
-alone and with the pipeline's verifier (``models/verifier``), at settings chosen on traffic dev.
+for ``multi`` by default) with ``generate.near_miss_fraction: 0`` and nothing else changed, then
+replays the traffic sets with that adapter and with the pipeline's own (``models/multi``) exactly as
+the ``traffic`` stage does: alone and with the pipeline's verifier (``models/verifier``), at settings
+chosen on traffic dev; and scores both on the natural dev and test sets (AP, triplet accuracy).
 Run after ``dvc repro``; writes ``benchmarks/results/ablation.json`` (RESULTS.md's ablation table
 cites it with the adapter's md5).
 """
@@ -71,31 +72,33 @@ def main() -> None:
         for stage, stage_args in [*calls, ("train", ["--name", args.model])]:
             took = run_stage(root, stage, stage_args)["wall_s"]
             print(f"  {stage} {' '.join(stage_args)}: {took:.0f} s", flush=True)
-        adapter = root / "models" / args.model
-        model = model_loaders(params.base_model, {args.model: adapter})[args.model]()
+        trained = {"with": Path("models") / args.model, "without": root / "models" / args.model}
         sets = read_traffic_sets(params.domains)
         texts = sorted({t for by in sets.values() for gs in by.values() for g in gs
                         for t in (g.original, *g.reasks, *(m for m, _ in g.near_misses))})  # fmt: skip
-        vectors = encode_unique(model, texts, params.evaluate.batch_size, desc=f"ablation {args.model}")
         verify = scorer(load_verifier(), params.evaluate.batch_size)
-        figures = replay_model(vectors, sets, params, verify, None)
-        natural = natural_quality(model, params)
-        training = read_json(root / "metrics" / "train" / f"{args.model}.json")
+        variants = {}
+        for name, adapter in trained.items():
+            model = model_loaders(params.base_model, {args.model: adapter})[args.model]()
+            vectors = encode_unique(model, texts, params.evaluate.batch_size, desc=f"ablation {name}")
+            variants[f"{name}_near_miss_negatives"] = {
+                "adapter_md5": dir_md5(adapter),
+                "traffic": replay_model(vectors, sets, params, verify, None),
+                "natural": natural_quality(model, params),
+            }
         result = {
             "model": args.model,
-            "changed": {"generate.near_miss_fraction": 0.0},
-            "adapter_md5": dir_md5(adapter),
+            "changed": {"generate.near_miss_fraction": [params.generate.near_miss_fraction, 0.0]},
             "verifier_md5": dir_md5(Path("models/verifier")),
-            "training": training,
-            "traffic": figures,
-            "natural": natural,
+            "training_without": read_json(root / "metrics" / "train" / f"{args.model}.json"),
+            **variants,
         }
     finally:
         shutil.rmtree(root, ignore_errors=True)
     table = [
-        (f"{mode} {s} {k}", f"{figures[mode][s][ALL][k]:.3f}")
+        (f"{v} {mode} test {k}", f"{result[v]['traffic'][mode]['test'][ALL][k]:.3f}")
+        for v in ("with_near_miss_negatives", "without_near_miss_negatives")
         for mode in ("embedding", WITH_VERIFIER)
-        for s in ("dev", "test")
         for k in ("reask_hit_rate", "near_miss_wrong_hit_rate", "hit_precision")
     ]
     finish("ablation", args.out, result, table)

@@ -231,16 +231,30 @@ def traffic_ablation_table(params: Params) -> Table:
                 for _, k in TRAFFIC_FIGURES
             )
             rows.append((label, mode_label, *cells))
-        if m != BASELINE and ABLATION.is_file() and read_json(ABLATION)["model"] == m:
-            for mode_label, mode in TRAFFIC_MODES[1:]:
-                cells = (
-                    Cell(ABLATION, f"traffic.{mode}.{s}.{ALL}.{k}", ".3f")
-                    for s in ("dev", "test")
-                    for _, k in TRAFFIC_FIGURES
-                )
-                rows.append((f"{m} without near-miss negatives", mode_label, *cells))
+    ablated = read_json(ABLATION)["model"]
+    for variant, label in (("with_near_miss_negatives", "with"), ("without_near_miss_negatives", "without")):
+        for mode_label, mode in TRAFFIC_MODES[1:]:
+            cells = (
+                Cell(ABLATION, f"{variant}.traffic.{mode}.{s}.{ALL}.{k}", ".3f")
+                for s in ("dev", "test")
+                for _, k in TRAFFIC_FIGURES
+            )
+            rows.append((f"{ablated}, {label} near-miss negatives", mode_label, *cells))
     header = ("model", "settings", *(f"{s} {c[0]}" for s in ("dev", "test") for c in TRAFFIC_FIGURES))
     return Table("Traffic ablation: all domains (dev is in-sample for its own settings)", header, tuple(rows))
+
+
+def ablation_natural_table() -> Table:
+    """The ablated adapter with and without near-miss negatives on the natural dev and test sets."""
+    ablated = read_json(ABLATION)["model"]
+    rows = tuple(
+        (f"{ablated}, {label} near-miss negatives",
+         *(Cell(ABLATION, f"{variant}.natural.natural_{s}.{k}", ".3f") for s in ("dev", "test")
+           for k in ("average_precision", "triplet_accuracy")))
+        for variant, label in (("with_near_miss_negatives", "with"), ("without_near_miss_negatives", "without"))
+    )  # fmt: skip
+    header = ("model", "natural dev AP", "natural dev accuracy", "natural test AP", "natural test accuracy")
+    return Table("Near-miss negatives and natural queries (all domains)", header, rows)
 
 
 def traffic_cost_table(params: Params) -> Table:
@@ -355,6 +369,7 @@ def all_tables(params: Params) -> list[Table]:
     return [
         traffic_table(params),
         traffic_ablation_table(params),
+        ablation_natural_table(),
         traffic_cost_table(params),
         headline_table(params),
         deploy_table(params),

@@ -6,7 +6,8 @@ threshold) is the setting that answers the most traffic-dev re-asks while hit pr
 ``evaluate.target_precision``; traffic test is replayed at exactly that setting. Today's shipped
 thresholds (chosen on generated val, from ``eval.json``) are replayed too, for comparison. The
 shipped setting is ``eval.json``'s deploy model with the verifier; its cost per lookup (CPU, batch 1)
-is measured against the embedding alone.
+is measured against the embedding alone. The models: the baseline, the deploy model and each
+reference (``benchmarks/ablation_near_miss.py`` replays ``multi`` with and without near-miss negatives).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from cachelora import paths
 from cachelora.errors import CacheloraError
 from cachelora.evaluation import ALL, BASELINE, corpus_texts, model_loaders, reference_loaders
-from cachelora.params import MULTI, Params
+from cachelora.params import Params
 from cachelora.records import read_json, write_json
 from cachelora.splitting import texts_of as triplet_texts
 from cachelora.traffic import (
@@ -175,8 +176,7 @@ def pipeline_traffic(params: Params) -> dict[str, Any]:
     counts = contamination(params, sets)
     eval_metrics = read_json(paths.METRICS_DIR / "eval.json")
     deploy = eval_metrics["deploy"]["model"]
-    adapters = [n for n in dict.fromkeys([MULTI, deploy]) if n != BASELINE]
-    loaders = model_loaders(params.base_model, {n: paths.model_dir(n) for n in adapters})
+    loaders = model_loaders(params.base_model, {deploy: paths.model_dir(deploy)} if deploy != BASELINE else {})
     loaders.update(reference_loaders(params))
     verifier_model = load_verifier()
     verify = scorer(verifier_model, params.evaluate.batch_size)

@@ -19,7 +19,6 @@ import numpy as np
 from cachelora.traffic import NEAR_MISS, ORIGINAL, REASK, AnswerGroup, Lookup, stream
 
 Verifier = Callable[[list[tuple[str, str]]], np.ndarray]  # (query, cached query) pairs -> scores
-CANDIDATES = 4  # verifier scores computed up front per lookup: its nearest earlier texts
 EMBEDDING_GRID = np.round(np.arange(0.30, 1.0001, 0.02), 4)
 VERIFIER_GRID = np.round(np.r_[np.arange(0.1, 0.9, 0.04), 0.9, 0.95, 0.98], 4)
 
@@ -62,13 +61,18 @@ class TrafficReplay:
         return replay
 
     def _score_candidates(self) -> None:
-        """Verifier scores of each later lookup against its ``CANDIDATES`` nearest earlier texts, in one batch."""
-        pairs = []
+        """Verifier scores, in one batch, of every pair a replay on the grids can ask about: a lookup's
+        nearest cached entry is one of its earlier texts up to the nearest original (originals are
+        always cached), and only one at or above the lowest grid threshold is ever a candidate."""
         first = sum(lk.kind == ORIGINAL for lk in self.lookups)
+        pairs = []
         for i in range(first, len(self.lookups)):
-            earlier = self.sims[i, :i]
-            for j in np.argsort(-earlier, kind="stable")[:CANDIDATES]:
-                pairs.append((i, int(j)))
+            for j in self.nearest_first[i]:
+                if self.sims[i, j] < EMBEDDING_GRID[0]:
+                    break
+                pairs.append((i, j))
+                if j < first:
+                    break
         self._score(pairs)
 
     def _score(self, pairs: list[tuple[int, int]]) -> None:
