@@ -158,7 +158,8 @@ def test_every_input_a_stage_reads_is_one_the_report_header_names():
     for name, stage in STAGES.items():
         for dep in stage.get("do", stage)["deps"]:
             dep = dep.replace("${item}", "x").replace("${key}", "x")
-            generated = ("data/triplets", "data/validated", "data/splits", "models/", "metrics")
+            # benchmark results (git) that RESULTS.md cites are named there with their own md5
+            generated = ("data/triplets", "data/validated", "data/splits", "models/", "metrics", "benchmarks/results/")
             if dep == "x" or dep in outs or dep.startswith(generated):
                 continue
             assert any(dep == i or dep.startswith(f"{i}/") for i in PIPELINE_INPUTS), (name, dep)
