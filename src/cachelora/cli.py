@@ -200,6 +200,13 @@ def export(model_name: str | None, out: Path, force: bool) -> None:
         f"(test hit precision {g['test']['hit_precision']:.3f}, hit rate {g['test']['hit_rate']:.3f}; "
         f"natural test {g['natural_test']['hit_precision']:.3f}, {g['natural_test']['hit_rate']:.3f})"
     )
+    if config["verifier"]:
+        test = config["verifier"]["traffic_test"]["all"]
+        click.echo(
+            f"with the verifier ({out}/{config['verifier']['path']}, thresholds per domain in cache_config.json): "
+            f"traffic test re-ask hit rate {test['reask_hit_rate']:.3f}, near-miss wrong-hit rate "
+            f"{test['near_miss_wrong_hit_rate']:.3f}, hit precision {test['hit_precision']:.3f}"
+        )
 
 
 @main.command()
