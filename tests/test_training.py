@@ -212,4 +212,4 @@ def test_train_stage_keeps_run_facts_out_of_the_adapter(trained, train_file, tmp
     ]
     assert info["triplets"] == 24 and info == trained.info
     assert metrics["triplets_per_s"] > 0 and metrics["device"] == "cpu" and metrics["versions"]["peft"]
-    assert metrics["precision"] == pick_precision("auto", "cpu")  # train.precision: auto, as resolved here
+    assert metrics["precision"] == pick_precision(tiny_model_params().train.precision, "cpu")  # as resolved here
