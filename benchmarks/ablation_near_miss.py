@@ -74,8 +74,7 @@ def main() -> None:
             print(f"  {stage} {' '.join(stage_args)}: {took:.0f} s", flush=True)
         trained = {"with": Path("models") / args.model, "without": root / "models" / args.model}
         sets = read_traffic_sets(params.domains)
-        texts = sorted({t for by in sets.values() for gs in by.values() for g in gs
-                        for t in (g.original, *g.reasks, *(m for m, _ in g.near_misses))})  # fmt: skip
+        texts = sorted({t for by in sets.values() for gs in by.values() for g in gs for t in g.texts})
         verify = scorer(load_verifier(), params.evaluate.batch_size)
         variants = {}
         for name, adapter in trained.items():

@@ -47,11 +47,15 @@ def test_the_verifier_learns_and_reloads_as_a_plain_cross_encoder(
     monkeypatch.chdir(tmp_path)
     write_jsonl(tmp_path / "data" / "splits" / "medical" / "train.jsonl", ROWS)
     params = tiny_params(verifier={"layers": 1, "max_pairs": 0, "batch_size": 16, "lr": 2e-4, "epochs": 3})
-    model, info, history = V.train_verifier(params)
+    model, info, run, history = V.train_verifier(params)
     first, last = history[0]["loss"], np.mean([h["loss"] for h in history[-3:]])
     assert last < first and info["pairs"] > 2 * len(ROWS) and info["near_miss_rows"] > 0
     probe = [(r["anchor"], r["positive"]) for r in ROWS[:4]]
     V.save_verifier(model, tmp_path / "verifier", info, probe)
+    import json
+
+    saved = json.loads((tmp_path / "verifier" / "training_info.json").read_text())
+    assert saved == info and "wall_time_s" not in saved and run["wall_time_s"] > 0  # timings stay out of the folder
     plain = CrossEncoder(str(tmp_path / "verifier"), device="cpu")
     np.testing.assert_allclose(plain.predict(probe), V.scorer(model)(probe), atol=1e-5)
 

@@ -41,6 +41,11 @@ class AnswerGroup:
     reasks: tuple[str, ...]
     near_misses: tuple[tuple[str, str], ...]
 
+    @property
+    def texts(self) -> tuple[str, ...]:
+        """The original, then the re-asks, then the near-misses' texts."""
+        return (self.original, *self.reasks, *(text for text, _ in self.near_misses))
+
 
 @dataclass(frozen=True)
 class Lookup:
@@ -96,7 +101,7 @@ def read_traffic_sets(domains: list[str], folder: Path = TRAFFIC_DIR) -> dict[st
 
 def texts_of(groups: list[AnswerGroup]) -> set[str]:
     """Every normalised text of the groups (for contamination checks)."""
-    return {normalise(t) for g in groups for t in (g.original, *g.reasks, *(m for m, _ in g.near_misses))}
+    return {normalise(t) for g in groups for t in g.texts}
 
 
 def shared_words(original: str, text: str) -> float:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from cachelora import paths
+from cachelora.cost import ms_per_query
 from cachelora.errors import CacheloraError
 from cachelora.evaluation import ALL, BASELINE, corpus_texts, model_loaders, reference_loaders
 from cachelora.params import Params
@@ -129,12 +130,6 @@ def _timed(fn: Callable[[], Any], count: int) -> float:
     return statistics.median(runs)
 
 
-def embedding_ms(model: Any, texts: list[str]) -> float:
-    """CPU ms to embed one query at batch 1."""
-    with torch.inference_mode():
-        return _timed(lambda: [model.encode([t], normalize_embeddings=True) for t in texts], len(texts))
-
-
 def verifier_ms(verifier: Any, pairs: list[tuple[str, str]], batch_size: int) -> float:
     """CPU ms per (query, cached query) pair at ``batch_size``."""
     with torch.inference_mode():
@@ -180,7 +175,7 @@ def pipeline_traffic(params: Params) -> dict[str, Any]:
     loaders.update(reference_loaders(params))
     verifier_model = load_verifier()
     verify = scorer(verifier_model, params.evaluate.batch_size)
-    texts = sorted({t for by in sets.values() for groups in by.values() for g in groups for t in _texts(g)})
+    texts = sorted({t for by in sets.values() for groups in by.values() for g in groups for t in g.texts})
     timing_queries = [t for by in sets["test"].values() for g in by for t in g.reasks[:1]][:64]
     models: dict[str, Any] = {}
     embed_ms: dict[str, float] = {}
@@ -191,7 +186,7 @@ def pipeline_traffic(params: Params) -> dict[str, Any]:
         thresholds = {d: val[d]["threshold"] for d in [*params.domains, ALL]} if val else None
         log.info("traffic replay: %s", name)
         models[name] = replay_model(vectors, sets, params, verify, thresholds, pooled_setting=name == deploy)
-        embed_ms[name] = embedding_ms(model, timing_queries)
+        embed_ms[name] = ms_per_query(model, timing_queries, batch_size=1, repeats=3)
     shipped = models[deploy][WITH_VERIFIER]
     pairs = [(g.reasks[0], g.original) for groups in sets["test"].values() for g in groups][:64]
     verify_ms = {b: verifier_ms(verifier_model, pairs, b) for b in (1, 32)}
@@ -226,10 +221,6 @@ def pipeline_traffic(params: Params) -> dict[str, Any]:
     write_json(TRAFFIC_COST_JSON, cost)
     write_json(TRAFFIC_JSON, result)
     return result
-
-
-def _texts(group: AnswerGroup) -> tuple[str, ...]:
-    return (group.original, *group.reasks, *(t for t, _ in group.near_misses))
 
 
 def _candidate_share(entry: dict[str, Any]) -> float:

@@ -77,8 +77,9 @@ def new_cross_encoder(params: Params) -> Any:
     )
 
 
-def train_verifier(params: Params) -> tuple[Any, dict[str, Any], list[dict[str, float]]]:
-    """Train the verifier on every domain's train split; the model, its facts and the loss per step."""
+def train_verifier(params: Params) -> tuple[Any, dict[str, Any], dict[str, Any], list[dict[str, float]]]:
+    """Train the verifier on every domain's train split: the model, the facts its inputs determine
+    (saved beside it), the run's facts (timings: the stage's metrics only) and the loss per step."""
     from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
     from transformers import get_linear_schedule_with_warmup
 
@@ -126,10 +127,9 @@ def train_verifier(params: Params) -> tuple[Any, dict[str, Any], list[dict[str, 
         "pairs": len(pairs),
         "near_miss_rows": sum("near_miss_of" in row for row in rows),
         "steps": steps,
-        "wall_time_s": round(wall, 3),
-        "pairs_per_s": round(steps * vp.batch_size / wall, 3),
     }
-    return model, info, history
+    run = {"wall_time_s": round(wall, 3), "pairs_per_s": round(steps * vp.batch_size / wall, 3)}
+    return model, info, run, history
 
 
 def load_verifier(path: str | Path = "") -> Any:
@@ -176,7 +176,7 @@ def save_verifier(model: Any, out_dir: Path, info: dict[str, Any], probe: list[t
     with atomic_dir(out_dir) as tmp:
         model.save(str(tmp))
         (tmp / "README.md").unlink(missing_ok=True)  # a generated model card with run-dependent text
-        write_json(tmp / "training_info.json", info | {"wall_time_s": None, "pairs_per_s": None})
+        write_json(tmp / "training_info.json", info)
         diff = float(np.abs(scorer(model)(probe) - scorer(load_verifier(tmp))(probe)).max())
         if diff > 1e-5:
             raise CacheloraError(f"{out_dir}: reloaded verifier differs from the trained one (max |Δ| = {diff:.2e})")
