@@ -213,3 +213,9 @@ def test_train_stage_keeps_run_facts_out_of_the_adapter(trained, train_file, tmp
     assert info["triplets"] == 24 and info == trained.info
     assert metrics["triplets_per_s"] > 0 and metrics["device"] == "cpu" and metrics["versions"]["peft"]
     assert metrics["precision"] == pick_precision(tiny_model_params().train.precision, "cpu")  # as resolved here
+
+
+def test_run_facts_record_the_resolved_precision(train_file):
+    """`auto` is recorded as what it resolved to on this machine (bf16 or fp32), never as "auto"."""
+    trained = train_model("medical", tiny_model_params(precision="auto", max_steps=1), [train_file])
+    assert trained.run["precision"] == pick_precision("auto", "cpu") != "auto"
