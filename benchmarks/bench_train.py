@@ -82,7 +82,7 @@ def main() -> None:
     at_repo_root()
     import torch
 
-    from cachelora.base_model import load_base, pick_device, pick_precision, weights_sha256
+    from cachelora.base_model import load_base, model_sha256, pick_device, pick_precision
     from cachelora.params import load_params
     from cachelora.records import write_jsonl
     from cachelora.training import make_batches
@@ -102,7 +102,7 @@ def main() -> None:
     rows, source = triplet_rows(params, domain, count)
 
     base = load_base(params.base_model, device, train.max_seq_length)  # untimed warm-up: imports, page cache
-    weights_sha256(params.base_model)  # cached: train_model's call is then free, as in round 2+
+    model_sha256(params.base_model)  # cached: train_model's call is then free, as in round 2+
     n_params = sum(p.numel() for n, p in base[0].auto_model.named_parameters() if n.split(".")[0] not in
                    ("embeddings", "pooler"))  # fmt: skip
     batches = make_batches(rows, train.batch_size, random.Random(train.seed))

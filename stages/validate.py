@@ -3,7 +3,7 @@
 import click
 
 from cachelora import paths
-from cachelora.base_model import load_base, weights_sha256
+from cachelora.base_model import load_base, model_sha256
 from cachelora.entrypoint import user_errors
 from cachelora.params import load_params
 from cachelora.quality import check_triplets, negative_similarity
@@ -22,7 +22,7 @@ def main(domain: str) -> None:
     report = check_triplets(rows, params.validate_, domain, neg_sim, str(source))
     write_jsonl(paths.quarantine(domain), report.quarantined)
     write_jsonl(paths.validated(domain), report.passed)
-    metrics = {**report.metrics, "base_model": {"name": params.base_model, "sha256": weights_sha256(params.base_model)}}
+    metrics = {**report.metrics, "base_model": {"name": params.base_model, "sha256": model_sha256(params.base_model)}}
     write_json(paths.stage_metrics("validate", domain), metrics)
 
 

@@ -1,10 +1,10 @@
-import hashlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from cachelora.base_model import CPU_BF16_PROBES, HUB_IDS, pick_device, pick_precision, resolve_base, weights_sha256
+from cachelora.base_model import CPU_BF16_PROBES, HUB_IDS, model_sha256, pick_device, pick_precision, resolve_base
 
 
 def test_offline_package_resolves_to_a_local_directory():
@@ -21,11 +21,20 @@ def test_names_without_offline_weights_become_hub_ids():
     assert resolve_base("org/some-model") == "org/some-model"
 
 
-def test_weight_sha256_is_of_the_weight_file():
-    digest = weights_sha256("all-MiniLM-L6-v2")
-    assert len(digest) == 64 and digest == weights_sha256("all-MiniLM-L6-v2")
-    weights = Path(resolve_base("all-MiniLM-L6-v2")) / "model.safetensors"  # what the offline package ships
-    assert digest == hashlib.sha256(weights.read_bytes()).hexdigest()
+def test_model_sha256_covers_every_file_that_defines_the_computation(tmp_path):
+    source = Path(resolve_base("all-MiniLM-L6-v2"))
+    digest = model_sha256("all-MiniLM-L6-v2")
+    assert len(digest) == 64 and digest == model_sha256(str(source))
+    for edited in ("config.json", "tokenizer.json", "1_Pooling/config.json", "model.safetensors"):
+        copy = tmp_path / edited.replace("/", "_")
+        shutil.copytree(source, copy)
+        with (copy / edited).open("ab") as fh:
+            fh.write(b" ")
+        assert model_sha256(str(copy)) != digest, edited
+    untouched = tmp_path / "readme_only"
+    shutil.copytree(source, untouched)
+    (untouched / "README.md").write_text("another model card")
+    assert model_sha256(str(untouched)) == digest  # the card does not compute anything
 
 
 def test_auto_device_without_cuda_is_cpu(monkeypatch):

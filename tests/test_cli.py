@@ -37,11 +37,58 @@ def test_per_domain_groups_and_fixed_threshold(tmp_path):
     assert out["all"]["replay"]["lookups"] == 20
 
 
-@pytest.mark.parametrize("value", ["2", "-1.5"])
+@pytest.mark.parametrize("value", ["2", "-1.5", "nan", "inf", "high"])
 def test_threshold_outside_cosine_range_is_refused(tmp_path, value):
     write_jsonl(tmp_path / "mine.jsonl", tiny_rows(10))
     result = run("--triplets", tmp_path / "mine.jsonl", "--threshold", value)
     assert result.exit_code == 2 and "--threshold" in result.output
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--target-precision", "nan"),
+        ("--target-precision", "0"),
+        ("--bootstrap", "0"),
+        ("--bootstrap", "-5"),
+        ("--seed", "-1"),
+        ("--min-rows", "0"),
+    ],
+)
+def test_flags_out_of_range_are_refused_before_any_work(tmp_path, flag, value):
+    write_jsonl(tmp_path / "mine.jsonl", tiny_rows(10))
+    result = run("--triplets", tmp_path / "mine.jsonl", flag, value)
+    assert result.exit_code == 2 and flag in result.output and "Traceback" not in result.output
+
+
+def test_json_at_a_directory_is_refused(tmp_path):
+    write_jsonl(tmp_path / "mine.jsonl", tiny_rows(10))
+    result = run("--triplets", tmp_path / "mine.jsonl", "--threshold", 0.5, "--json", tmp_path)
+    assert result.exit_code == 1 and "is a directory" in result.output
+
+
+@pytest.mark.parametrize(
+    "bad, says",
+    [
+        ("NaN", "NaN is not a number JSON allows"),
+        ("Infinity", "Infinity is not a number JSON allows"),
+        ('"0.7"', "baseline.val.all.threshold: '0.7' is not a cosine"),
+        ("2", "baseline.val.all.threshold: 2 is not a cosine"),
+    ],
+)
+def test_thresholds_from_a_non_cosine_is_refused(tmp_path, bad, says):
+    write_jsonl(tmp_path / "mine.jsonl", tiny_rows(10))
+    (tmp_path / "eval.json").write_text('{"baseline": {"val": {"all": {"threshold": ' + bad + "}}}}")
+    result = run("--triplets", tmp_path / "mine.jsonl", "--thresholds-from", tmp_path / "eval.json")
+    assert result.exit_code == 1 and "eval.json" in result.output and says in result.output
+
+
+@pytest.mark.parametrize("names", [["baseline"], ["same", "same"]])
+def test_adapters_named_baseline_or_twice_are_refused(tmp_path, names):
+    write_jsonl(tmp_path / "mine.jsonl", tiny_rows(10))
+    flags = [x for i, n in enumerate(names) for x in ("--adapter", tmp_path / str(i) / n)]
+    result = run("--triplets", tmp_path / "mine.jsonl", *flags)
+    assert result.exit_code == 1 and names[-1] in result.output and "Traceback" not in result.output
 
 
 def test_thresholds_from_eval_json_must_know_the_model(tmp_path):
@@ -72,7 +119,7 @@ def test_missing_field_names_file_and_row(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"anchor": "a b c", "positive": "d e f"}\n')
     result = run("--triplets", tmp_path / "bad.jsonl")
     assert result.exit_code == 1
-    assert "bad.jsonl: row 1: missing field 'negative'" in result.output
+    assert "bad.jsonl:1: missing field 'negative'" in result.output
 
 
 def test_adapter_trained_on_other_base_is_refused(tiny_adapter, tmp_path):

@@ -375,11 +375,41 @@ def test_malformed_reply_is_retried(server: FakeLLM, lexicon: Lexicon) -> None:
     assert [server.requests[0]["seed"], server.requests[1]["seed"]] == [7, 8]
 
 
-@pytest.mark.parametrize("raw", [b"<html>Bad gateway</html>", b"{not json", b'{"id": "x", "choices": []}'])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"<html>Bad gateway</html>",
+        b"{not json",
+        b'{"id": "x", "choices": []}',
+        b'{"choices": [{"message": {"content": 42}}]}',
+        b'{"choices": [{"message": {"content": {"paraphrases": ["a b"]}}}]}',
+        b'{"choices": [{"message": {"content": "' + b"[" * 50_000 + b'"}}]}',
+        b'{"choices": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+    ],
+    ids=["html", "not-json", "no-choices", "number", "object", "deep-content", "deep-body"],
+)
 def test_bad_body_is_retried(server: FakeLLM, lexicon: Lexicon, raw: bytes) -> None:
     server.script = [Reply(raw=raw)]
     rows = llm.generate_with_llm(make_params(server, queries_per_domain=1), lexicon)
     assert len(rows) == 1 and len(server.requests) == 3
+
+
+def test_content_parts_are_joined() -> None:
+    parts = [{"type": "text", "text": '{"paraphrases": '}, {"type": "text", "text": '["a b"]}'}]
+    text = llm.reply_text({"choices": [{"message": {"content": parts}}]})
+    assert llm.extract_strings(text, "paraphrases") == ["a b"]
+
+
+def test_a_reply_holding_the_api_key_is_refused_and_nothing_written(
+    server: FakeLLM, lexicon: Lexicon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(KEY_ENV, "sk-live-0123456789")
+    server.script = [Reply(content=json.dumps({"paraphrases": ["Authorization: Bearer sk-live-0123456789"]}))]
+    params = make_params(server, queries_per_domain=1)
+    with pytest.raises(CacheloraError, match=r"the reply holds the API key \(\$.*\); refused, nothing written"):
+        llm.generate_with_llm(params, lexicon)
+    cached = [p.read_text() for p in Path(params.generate.openai.cache_dir).rglob("*.json")]
+    assert not any("sk-live-0123456789" in text for text in cached)
 
 
 def test_http_500_is_retried(server: FakeLLM, lexicon: Lexicon) -> None:

@@ -37,6 +37,14 @@ def test_repo_params_load():
         ({"train__lr": -1e-4}, r"train.lr: Input should be greater than 0"),
         ({"merge__method": "average"}, r"merge.method: Input should be 'cat', 'linear'"),
         ({"merge__weights": [1.0]}, r"merge.weights: need one weight per domain \(4\)"),
+        ({"lora__rank": True}, r"lora.rank: Input should be a valid integer"),
+        ({"train__epochs": "3"}, r"train.epochs: Input should be a valid number"),
+        ({"train__lr": float("inf")}, r"train.lr: Input should be a finite number"),
+        ({"train__epochs": float("inf")}, r"train.epochs: Input should be a finite number"),
+        ({"lora__alpha": float("inf")}, r"lora.alpha: Input should be a finite number"),
+        ({"merge__weights": [0.35, float("nan"), 0.35, 0.35]}, r"merge.weights.1: Input should be a finite number"),
+        ({"evaluate__seed": -1}, r"evaluate.seed: Input should be greater than or equal to 0"),
+        ({"verifier__seed": -1}, r"verifier.seed: Input should be greater than or equal to 0"),
     ],
 )
 def test_invalid_values_name_the_key(tmp_path, change, message):
@@ -47,3 +55,10 @@ def test_invalid_values_name_the_key(tmp_path, change, message):
 def test_unknown_domain_is_named():
     with pytest.raises(CacheloraError, match=r"domains: unknown domain 'astrology'"):
         load_params("params.yaml").check_domain("astrology")
+
+
+def test_a_key_given_twice_is_refused(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(Path("params.yaml").read_text() + "\nlora:\n  rank: 4\n")
+    with pytest.raises(CacheloraError, match=r"params.yaml: malformed YAML .*key 'lora' appears twice"):
+        load_params(path)

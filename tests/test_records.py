@@ -12,6 +12,7 @@ from cachelora.errors import CacheloraError
 from cachelora.records import (
     atomic_dir,
     atomic_path,
+    read_json,
     read_jsonl,
     read_yaml,
     remove_stale_temps,
@@ -36,12 +37,39 @@ def test_malformed_line_names_file_and_line(tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        ('{"anchor": NaN}', "NaN is not a number JSON allows"),
+        ('{"threshold": -Infinity}', "-Infinity is not a number JSON allows"),
+        ('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
+    ],
+)
+def test_nan_infinity_and_deep_nesting_are_malformed_json(tmp_path, line, reason):
+    (tmp_path / "x.jsonl").write_text('{"ok": 1}\n' + line + "\n")
+    with pytest.raises(CacheloraError, match=rf"x.jsonl:2: malformed JSON \({reason}\)"):
+        read_jsonl(tmp_path / "x.jsonl")
+    (tmp_path / "x.json").write_text(line)
+    with pytest.raises(CacheloraError, match=rf"x.json: malformed JSON \({reason}\)"):
+        read_json(tmp_path / "x.json")
+
+
+def test_line_numbers_count_newlines_only(tmp_path):
+    """A U+2028 inside a text is not a line break for JSONL: the error names the file's own line."""
+    path = tmp_path / "x.jsonl"
+    path.write_text(json.dumps({"anchor": "one\u2028two"}, ensure_ascii=False) + "\n\n{bad\n", encoding="utf-8")
+    with pytest.raises(CacheloraError, match=r"x.jsonl:3: malformed JSON"):
+        read_jsonl(path)
+
+
+@pytest.mark.parametrize(
     ("text", "message"),
     [
         (None, r"p.yaml: prompt file not found$"),
         ("a: [1,\n", r"p.yaml: malformed YAML \(while parsing .*\)$"),
         ("- a\n- b\n", r"p.yaml: expected a mapping with keys system, user$"),
         ("", r"p.yaml: expected a mapping with keys system, user$"),
+        ("system: a\nuser: b\nsystem: c\n", r"p.yaml: malformed YAML .*key 'system' appears twice.*line 3"),
+        ("system: {x: 1, x: 2}\nuser: u\n", r"p.yaml: malformed YAML .*key 'x' appears twice"),
     ],
 )
 def test_yaml_problems_are_one_line_errors_naming_the_file(tmp_path, text, message):

@@ -22,5 +22,5 @@ def test_missing_field_names_row_and_key(tmp_path):
         + json.dumps({"anchor": "a", "positive": "p"})
         + "\n"
     )
-    with pytest.raises(CacheloraError, match=r"t.jsonl: row 2: missing field 'negative'"):
+    with pytest.raises(CacheloraError, match=r"t.jsonl:2: missing field 'negative'"):
         read_triplets(path)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from sentence_transformers import SentenceTransformer
 
-from cachelora.base_model import load_base, weights_sha256
+from cachelora.base_model import load_base, model_sha256
 from cachelora.errors import CacheloraError
 from cachelora.params import LoraParams
 from cachelora.records import atomic_dir, read_json, write_json
@@ -87,7 +87,7 @@ def check_base(adapter_dir: str | Path, base: str | None = None, refusal: str = 
     info = read_info(adapter_dir)
     trained = info["base_model"]
     base = base or trained["name"]
-    sha = weights_sha256(base)
+    sha = model_sha256(base)
     if sha != trained["sha256"]:
         facts = {"trained": trained["name"], "trained_sha": trained["sha256"], "base": base, "sha": sha}
         raise CacheloraError(refusal.format(adapter=adapter_dir, info=Path(adapter_dir) / INFO, **facts))
@@ -169,6 +169,6 @@ def save_adapter(
             expected = model.encode(probe, convert_to_tensor=True, normalize_embeddings=True)
             actual = reloaded.encode(probe, convert_to_tensor=True, normalize_embeddings=True)
         diff = float((expected - actual).abs().max())
-        if diff > RELOAD_TOLERANCE:
+        if not diff <= RELOAD_TOLERANCE:  # NaN too: a NaN weight makes every comparison false
             raise CacheloraError(f"{out_dir}: reloaded adapter differs from the trained one (max |Δ| = {diff:.2e})")
         log.info("saved %s (reload check max |Δ| = %.1e)", out_dir, diff)

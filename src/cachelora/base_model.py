@@ -1,8 +1,9 @@
-"""The base embedding model: resolved by name to a local path, identified by its weights' sha256."""
+"""The base embedding model: resolved by name to a local path, identified by the sha256 of the files that define it."""
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import shutil
@@ -26,6 +27,17 @@ HUB_IDS = {
     "all-mpnet-base-v2": "sentence-transformers/all-mpnet-base-v2",
 }
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+DEFINING_FILES = (
+    *WEIGHT_FILES,
+    "config.json",
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+)
 CPU_BF16_PROBES = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
 
 
@@ -82,18 +94,23 @@ def resolve_base(name: str) -> str:
 
 
 @functools.cache
-def weights_sha256(name: str) -> str:
-    """sha256 of the base model's weight file, or of a hub snapshot's when it is cached locally."""
+def model_sha256(name: str) -> str:
+    """sha256 of what defines the model's computation: a listing of every :data:`DEFINING_FILES` file
+    of its directory (and each module's ``*/config.json``, e.g. pooling) with that file's sha256, so an
+    edited config, tokenizer or pooling changes it as an edited weight does. A hub id is read from its
+    local snapshot (downloaded on a networked host)."""
     location = resolve_base(name)
     root = Path(location)
     if not root.is_dir():
         from huggingface_hub import snapshot_download
 
-        root = Path(snapshot_download(location, allow_patterns=list(WEIGHT_FILES)))
-    for filename in WEIGHT_FILES:
-        if (root / filename).is_file():
-            return file_sha256(root / filename)
-    raise CacheloraError(f"{root}: base model '{name}' has no weight file ({', '.join(WEIGHT_FILES)})")
+        root = Path(snapshot_download(location, allow_patterns=[*DEFINING_FILES, "*/config.json"]))
+    if not any((root / filename).is_file() for filename in WEIGHT_FILES):
+        raise CacheloraError(f"{root}: base model '{name}' has no weight file ({', '.join(WEIGHT_FILES)})")
+    modules = [p.relative_to(root).as_posix() for p in root.glob("*/config.json")]
+    files = sorted({*(f for f in DEFINING_FILES if (root / f).is_file()), *modules})
+    listing = "".join(f"{f}\t{file_sha256(root / f)}\n" for f in files)
+    return hashlib.sha256(listing.encode("utf-8")).hexdigest()
 
 
 def pick_device(device: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,26 @@ from cachelora.evaluation import (
 from cachelora.records import read_json, write_json
 
 
+class FiniteFloat(click.ParamType):
+    """A finite float within [low, high] (``low_open``: above ``low``); NaN, inf and words are refused."""
+
+    name = "number"
+
+    def __init__(self, low: float, high: float, low_open: bool = False) -> None:
+        self.low, self.high, self.low_open = low, high, low_open
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"'{value}' is not a number", param, ctx)
+        above_low = number > self.low if self.low_open else number >= self.low
+        if not (math.isfinite(number) and above_low and number <= self.high):
+            bracket = "(" if self.low_open else "["
+            self.fail(f"{value} is not a finite number in {bracket}{self.low}, {self.high}]", param, ctx)
+        return number
+
+
 @click.group()
 def main() -> None:
     """Train and verify domain LoRA adapters for semantic-cache embedding models."""
@@ -39,17 +60,21 @@ def _groups(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
 
 def _thresholds_from(path: Path, model: str) -> dict[str, dict[str, float]]:
     """A model's val-chosen thresholds per group in eval.json (groups it lacks take ``all``'s)."""
-    entry = read_json(path).get(model)
+    metrics = read_json(path)
+    entry = metrics.get(model) if isinstance(metrics, dict) else None
     if not isinstance(entry, dict) or not isinstance(entry.get("val"), dict) or ALL not in entry["val"]:
         raise CacheloraError(f"{path}: no thresholds for model '{model}' (use --threshold)")
-    test = entry.get("test", {})
-    return {
-        group: {
-            "replay": at["threshold"],
-            "max_f1": test.get(group, {}).get("at_max_f1", {}).get("threshold", at["threshold"]),
-        }
-        for group, at in entry["val"].items()
-    }
+    test = entry.get("test") if isinstance(entry.get("test"), dict) else {}
+    chosen = {}
+    for group, at in entry["val"].items():
+        replay = at.get("threshold") if isinstance(at, dict) else None
+        at_test = test.get(group) if isinstance(test.get(group), dict) else {}
+        max_f1 = at_test.get("at_max_f1", {}).get("threshold", replay)
+        for key, value in (("val", replay), ("test.at_max_f1", max_f1)):
+            if isinstance(value, bool) or not isinstance(value, int | float) or not -1 <= value <= 1:
+                raise CacheloraError(f"{path}: {model}.{key}.{group}.threshold: {value!r} is not a cosine in [-1, 1]")
+        chosen[group] = {"replay": float(replay), "max_f1": float(max_f1)}
+    return chosen
 
 
 def _table(result: dict[str, dict[str, dict[str, Any]]]) -> str:
@@ -87,9 +112,7 @@ def _table(result: dict[str, dict[str, dict[str, Any]]]) -> str:
     help="Adapter directory (repeatable); the base model alone is always evaluated as 'baseline'.",
 )
 @click.option("--base", default=None, help="Base model name or path (default: params.yaml base_model).")
-@click.option(
-    "--threshold", type=click.FloatRange(-1, 1), default=None, help="Fixed cache threshold (cosine, -1 to 1)."
-)
+@click.option("--threshold", type=FiniteFloat(-1, 1), default=None, help="Fixed cache threshold (cosine, -1 to 1).")
 @click.option(
     "--thresholds-from",
     type=click.Path(path_type=Path),
@@ -98,14 +121,18 @@ def _table(result: dict[str, dict[str, dict[str, Any]]]) -> str:
 )
 @click.option(
     "--target-precision",
-    type=click.FloatRange(0, 1, min_open=True),
+    type=FiniteFloat(0, 1, low_open=True),
     default=0.95,
     show_default=True,
     help="In-sample operating point: the lowest threshold whose hit precision reaches this.",
 )
-@click.option("--bootstrap", default=1000, show_default=True, help="Paired-bootstrap resamples (whole groups).")
-@click.option("--min-rows", default=5, show_default=True, help="Fewer triplets in the file is an error.")
-@click.option("--seed", default=42, show_default=True)
+@click.option(
+    "--bootstrap", type=click.IntRange(min=1), default=1000, show_default=True, help="Paired-bootstrap resamples."
+)
+@click.option(
+    "--min-rows", type=click.IntRange(min=1), default=5, show_default=True, help="Fewer triplets is an error."
+)
+@click.option("--seed", type=click.IntRange(min=0), default=42, show_default=True)
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write the metrics here.")
 @user_errors
 def evaluate(
@@ -127,6 +154,8 @@ def evaluate(
     """
     if threshold is not None and thresholds_from is not None:
         raise CacheloraError("--threshold and --thresholds-from exclude each other")
+    if json_out is not None and json_out.is_dir():
+        raise CacheloraError(f"--json {json_out}: is a directory (name a file to write)")
     if base is None:
         from cachelora.params import PARAMS_FILE, load_params
 
@@ -134,6 +163,7 @@ def evaluate(
     _check_adapters(adapters, base)
     groups = _groups(evaluation_rows(triplets_file, min_rows))
     loaders = model_loaders(base, {path.name: path for path in adapters})
+    preset = {name: _thresholds_from(thresholds_from, name) for name in loaders} if thresholds_from else {}
     scored = score_models(loaders, {"file": groups}, batch_size=128)
     result: dict[str, Any] = {}
     for model, by_set in scored.items():
@@ -141,7 +171,7 @@ def evaluate(
         if threshold is not None:
             chosen = {ALL: {"replay": threshold, "max_f1": threshold}}
         elif thresholds_from is not None:
-            chosen = _thresholds_from(thresholds_from, model)
+            chosen = preset[model]
         else:
             chosen = operating_points(by_set["file"], target_precision)
         result[model] = report_set(by_set["file"], scored[BASELINE]["file"], chosen, bootstrap, seed, in_sample)
@@ -151,9 +181,16 @@ def evaluate(
 
 
 def _check_adapters(adapters: tuple[Path, ...], base: str) -> None:
-    """Every adapter must be complete and trained on ``base`` (same weights)."""
+    """Every adapter must be complete, trained on ``base`` (same weights), and named apart: its
+    directory's name labels its figures, so ``baseline`` or a name given twice would mix models."""
     from cachelora.adapters import check_base
 
+    names = [path.name for path in adapters]
+    for path in adapters:
+        if path.name == BASELINE:
+            raise CacheloraError(f"--adapter {path}: '{BASELINE}' names the base model alone; rename the directory")
+        if names.count(path.name) > 1:
+            raise CacheloraError(f"--adapter {path}: another --adapter has the directory name '{path.name}'")
     for path in adapters:
         check_base(path, base, "{adapter}: trained on base '{trained}' ({trained_sha:.12}…), not '{base}' ({sha:.12}…)")
 

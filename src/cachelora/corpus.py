@@ -18,7 +18,7 @@ from typing import Any
 
 from cachelora.errors import CacheloraError
 from cachelora.params import SplitParams
-from cachelora.records import read_jsonl
+from cachelora.records import read_jsonl_lines
 from cachelora.splitting import SPLITS, SplitPlan
 from cachelora.triplets import make_record, normalise, stable_id
 
@@ -53,7 +53,7 @@ def read_corpus(path: str | Path, domain: str) -> list[Original]:
     """The originals in ``path``; a malformed one is an error naming the file, line and key."""
     path = Path(path)
     originals = []
-    for line, row in enumerate(read_jsonl(path), 1):
+    for line, row in read_jsonl_lines(path):
         for key in ("topic", "query"):
             if not isinstance(row.get(key), str) or not row[key].strip():
                 raise CacheloraError(f"{path}:{line}: {key}: must be a non-empty string")

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from cachelora import paths
-from cachelora.base_model import encode_unique, load_base, weights_sha256
+from cachelora.base_model import encode_unique, load_base, model_sha256
 from cachelora.errors import CacheloraError
 from cachelora.params import DistillParams, Params
 from cachelora.records import atomic_path
@@ -56,7 +56,7 @@ def embed_domain(params: Params, domain: str, out: Path) -> int:
             desc=f"teacher {domain}",
         )
     texts = sorted(vectors)
-    metadata = {"teacher": distill.teacher, "sha256": weights_sha256(distill.teacher), "texts": json.dumps(texts)}
+    metadata = {"teacher": distill.teacher, "sha256": model_sha256(distill.teacher), "texts": json.dumps(texts)}
     stacked = np.stack([vectors[t] for t in texts]) if texts else np.zeros((0, 0), dtype=np.float32)
     with atomic_path(out) as tmp:
         save_file({"vectors": stacked}, str(tmp), metadata=metadata)
@@ -68,7 +68,7 @@ def load_teacher(files: list[Path], teacher: str) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
     vectors: dict[str, torch.Tensor] = {}
-    sha = weights_sha256(teacher)
+    sha = model_sha256(teacher)
     for path in files:
         if not path.is_file():
             raise CacheloraError(f"{path}: teacher embeddings not found (run `dvc repro teacher`)")

@@ -25,7 +25,7 @@ from sklearn.metrics import (
 from cachelora import paths
 from cachelora.errors import CacheloraError
 from cachelora.params import BASELINE, MERGED, MULTI, Params
-from cachelora.records import write_json
+from cachelora.records import read_jsonl_lines, write_json
 from cachelora.replay import GRID, Replay
 from cachelora.triplets import TEXT_FIELDS, normalise, read_triplets
 
@@ -248,7 +248,7 @@ def evaluation_rows(path: Path, min_rows: int, required: tuple[str, ...] = TEXT_
     rows = read_triplets(path, required)
     if len(rows) < min_rows:
         raise CacheloraError(f"{path}: {len(rows)} rows, fewer than evaluate.min_rows ({min_rows})")
-    lines = [n for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+    lines = [n for n, _ in read_jsonl_lines(path)]
     same = [lines[i] for i, row in enumerate(rows) if len({normalise(row[f]) for f in TEXT_FIELDS}) < len(TEXT_FIELDS)]
     if same:
         shown = ", ".join(map(str, same[:10])) + (", ..." if len(same) > 10 else "")
@@ -361,7 +361,7 @@ def choose_deploy(result: dict[str, Any], models: list[str], deploy_on: str = CH
 
 def pipeline_metrics(params: Params) -> tuple[dict[str, Any], dict[str, dict[str, dict[str, Scored]]]]:
     """Every pipeline model on every set: operating points chosen on val, reported elsewhere."""
-    from cachelora.base_model import weights_sha256
+    from cachelora.base_model import model_sha256
 
     ep = params.evaluate
     names = [*params.train_models, MERGED]
@@ -371,8 +371,8 @@ def pipeline_metrics(params: Params) -> tuple[dict[str, Any], dict[str, dict[str
     checked = contamination(params, sets)
     scored = score_models(loaders, sets, ep.batch_size)
     result: dict[str, Any] = {
-        "base_model": {"name": params.base_model, "sha256": weights_sha256(params.base_model)},
-        "references": {name: {"sha256": weights_sha256(name)} for name in ep.reference_models},
+        "base_model": {"name": params.base_model, "sha256": model_sha256(params.base_model)},
+        "references": {name: {"sha256": model_sha256(name)} for name in ep.reference_models},
         "target_precision": ep.target_precision,
         "contamination": checked,
     }

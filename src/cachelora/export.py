@@ -139,11 +139,11 @@ def _load(model_name: str) -> tuple[Any, dict[str, Any], str | None]:
     from cachelora.evaluation import BASELINE
 
     if model_name == BASELINE:
-        from cachelora.base_model import load_base, weights_sha256
+        from cachelora.base_model import load_base, model_sha256
         from cachelora.params import load_params
 
         base = load_params().base_model
-        return load_base(base), {"name": base, "sha256": weights_sha256(base)}, None
+        return load_base(base), {"name": base, "sha256": model_sha256(base)}, None
     adapter = paths.model_dir(model_name)
     info = read_info(adapter)
     model = load_served_model(adapter)

@@ -47,6 +47,7 @@ PROMPT_DIR = Path("data/prompts")
 PROMPT_KEYS = ("system", "paraphrase", "negative")
 REPLY_KEYS = {"paraphrase": "paraphrases", "negative": "negatives"}
 CANDIDATES = 5  # candidates asked for per request: ``{n}`` in the prompts
+MIN_SECRET_CHARS = 8  # a shorter API key ("EMPTY", test keys) is not looked for in replies
 NEAR_DUPLICATE = 0.9  # SequenceMatcher ratio at which a negative counts as a copy of the original
 QUERY_FILE_LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 PLACEHOLDERS = (
@@ -169,6 +170,8 @@ def extract_strings(text: str | None, key: str) -> list[str]:
                 value, _ = decoder.raw_decode(chunk, start)
             except json.JSONDecodeError:
                 continue
+            except RecursionError:
+                raise UnparseableReply("JSON nested too deeply") from None
             if isinstance(value, dict):
                 value = value.get(key, next(iter(value.values())) if len(value) == 1 else None)
             if isinstance(value, list) and (not value or any(isinstance(v, str) for v in value)):
@@ -177,11 +180,19 @@ def extract_strings(text: str | None, key: str) -> list[str]:
 
 
 def reply_text(response: dict[str, Any]) -> str | None:
-    """The first choice's message content of a chat-completions response body."""
+    """The first choice's message content of a chat-completions response body (a list of content
+    parts is joined from their ``text``); content that is not text is unparseable."""
     try:
-        return response["choices"][0]["message"]["content"]
+        content = response["choices"][0]["message"]["content"]
     except (KeyError, IndexError, TypeError):
         raise UnparseableReply("no choices[0].message.content") from None
+    if isinstance(content, list):
+        parts = [p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
+        if parts:
+            return "".join(parts)
+    if content is not None and not isinstance(content, str):
+        raise UnparseableReply(f"choices[0].message.content is {type(content).__name__}, not text")
+    return content
 
 
 def is_placeholder(text: str, original: str = "") -> bool:
@@ -418,10 +429,23 @@ class ChatClient:
             except ValueError as exc:  # UnparseableReply, or a body that is not JSON
                 self._count("failed")
                 problem = f"unparseable reply ({exc})"
+            except RecursionError:
+                self._count("failed")
+                problem = "unparseable reply (JSON nested too deeply)"
             else:
+                self._refuse_secrets(response)
                 write_cache(path, {"request": sent, "response": response})
                 return items
         raise CacheloraError(f"{self.url}: no usable reply after {cfg.retries + 1} attempts (last: {problem})")
+
+    def _refuse_secrets(self, response: Any) -> None:
+        """A reply holding the API key (a server echoing its request headers) is refused before anything
+        of it is cached or becomes a triplet: DVC outputs and the cache are pushed to shared storage."""
+        secret = os.environ.get(self.cfg.api_key_env) or ""
+        if len(secret) >= MIN_SECRET_CHARS and secret in json.dumps(response, ensure_ascii=False):
+            raise CacheloraError(
+                f"{self.url}: the reply holds the API key (${self.cfg.api_key_env}); refused, nothing written"
+            )
 
     def _failed(self, exc: openai.APIStatusError | openai.APIConnectionError) -> CacheloraError:
         """The error for a request the SDK gave up on: at once (an HTTP error it does not retry) or after retries."""

@@ -11,7 +11,7 @@ from sentence_transformers import SentenceTransformer
 
 from cachelora import paths
 from cachelora.adapters import WEIGHTS, check_base
-from cachelora.base_model import load_base, weights_sha256
+from cachelora.base_model import load_base, model_sha256
 from cachelora.errors import CacheloraError
 from cachelora.params import MERGED, Params
 from cachelora.records import file_md5
@@ -28,7 +28,7 @@ def merge_adapters(
     sources = sources or {domain: paths.model_dir(domain) for domain in params.domains}
     refusal = "{adapter}: trained on another base model than '{base}'"
     infos = {name: check_base(path, params.base_model, refusal) for name, path in sources.items()}
-    sha = weights_sha256(params.base_model)
+    sha = model_sha256(params.base_model)
     names = list(sources)
     weights = list(params.merge.weights or [1.0] * len(names))
     seq_len = max(info.get("max_seq_length", params.train.max_seq_length) for info in infos.values())

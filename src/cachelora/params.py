@@ -17,7 +17,9 @@ MERGED = "merged"  # the domain adapters merged into one
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """No unknown keys, no coercion (``true`` is not a rank, ``"3"`` not a count), no NaN or inf."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class OpenAIParams(_Strict):
@@ -36,7 +38,7 @@ class OpenAIParams(_Strict):
 
 class GenerateParams(_Strict):
     backend: Literal["offline", "openai"] = "offline"
-    seed: int = 42
+    seed: int = Field(42, ge=0)
     triplets_per_domain: int = Field(1200, ge=1)
     sibling_negative_fraction: float = Field(0.2, ge=0, le=1)
     # share of rows whose negative becomes a near-miss: an edit of the anchor that changes its answer
@@ -57,7 +59,7 @@ class ValidateParams(_Strict):
 
 
 class SplitParams(_Strict):
-    seed: int = 42
+    seed: int = Field(42, ge=0)
     train: float = Field(0.7, ge=0, le=1)
     val: float = Field(0.15, ge=0, le=1)
     test: float = Field(0.15, ge=0, le=1)
@@ -104,7 +106,7 @@ class TrainParams(_Strict):
     warmup: float = Field(0.1, ge=0, lt=1)
     max_seq_length: int = Field(48, ge=8)
     temperature: float = Field(0.05, gt=0)
-    seed: int = 42
+    seed: int = Field(42, ge=0)
     device: str = "auto"
     # fp32 reproduces bit for bit on any x86 CPU; auto (bf16 where the device computes it natively) is faster
     # but bf16 kernels round differently across CPUs (AVX512-BF16 vs AMX), so its adapters differ between them.
@@ -138,14 +140,14 @@ class MergeParams(_Strict):
     ] = "cat"
     weights: list[float] | None = None
     density: float = Field(0.5, gt=0, le=1)
-    seed: int = 42
+    seed: int = Field(42, ge=0)
 
 
 class EvaluateParams(_Strict):
     target_precision: float = Field(0.95, gt=0, le=1)
     min_rows: int = Field(5, ge=2)
     bootstrap: int = Field(1000, ge=100)
-    seed: int = 42
+    seed: int = Field(42, ge=0)
     batch_size: int = Field(128, ge=1)
     # Models scored beside the pipeline's (no adapter, own val thresholds): is a bigger model the answer?
     reference_models: list[str] = ["all-mpnet-base-v2"]
@@ -166,14 +168,15 @@ class VerifierParams(_Strict):
     lr: float = Field(5e-5, gt=0)
     epochs: int = Field(1, ge=1)
     warmup: float = Field(0.1, ge=0, lt=1)
-    max_pairs: int = Field(8000, ge=0)  # 0 = every pair of the train splits
-    seed: int = 42
+    max_pairs: int = Field(8000, ge=0)  # generated pairs (0 = every pair of the train splits)
+    natural_pairs: bool = True  # also train on the natural traffic train set's pairs
+    seed: int = Field(42, ge=0)
 
 
 class TrafficParams(_Strict):
     """Traffic replay on the natural traffic sets (``data/natural/traffic/``)."""
 
-    seed: int = 42  # the order re-asks and near-misses arrive in
+    seed: int = Field(42, ge=0)  # the order re-asks and near-misses arrive in
     near_miss_share: float = Field(0.1, ge=0, le=1)  # the share the stated hit precision assumes
     min_groups: int = Field(60, ge=1)  # answer groups each traffic file must hold
 
@@ -193,7 +196,7 @@ class Params(_Strict):
     verifier: VerifierParams = VerifierParams()
     traffic: TrafficParams = TrafficParams()
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, strict=True, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _train_models_cover_domains(self) -> Params:

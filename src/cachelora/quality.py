@@ -29,6 +29,15 @@ FILLER_RE = (
     r"|lorem ipsum|\bTODO\b|\bTBD\b|\bFIXME\b|^\s*n/?a\s*$|\.\.\.\s*$|^\s*(?:paraphrase|negative|query)\s*\d*\s*:"
 )
 
+# What a chat model or an injected prompt leaves in a reply (reason ``boilerplate:<field>``): refusals,
+# assistant self-talk, instructions aimed at a model, and credentials (a bearer token, an sk- key).
+BOILERPLATE_RE = (
+    r"(?i)\bas an ai\b|\blanguage model\b|\bsystem prompt\b|\bi(?:'m| am) sorry\b"
+    r"|\bignore (?:all |any )?(?:the )?(?:previous|prior|above|earlier) (?:instructions|prompts?)\b"
+    r"|\bi can(?:not|'t) (?:help|assist|comply)\b|\bhere (?:are|is) (?:the |some |your )?(?:paraphrases?|negatives?)\b"
+    r"|\bbearer\s+\S{8,}|\bsk-[a-z0-9_-]{16,}"
+)
+
 
 @dataclass
 class QualityReport:
@@ -89,6 +98,9 @@ def _row_suite(params: ValidateParams, domain: str) -> Any:
         )
         suite.add_expectation(
             named(f"placeholder:{key}", gxe.ExpectColumnValuesToNotMatchRegex(column=key, regex=FILLER_RE))
+        )
+        suite.add_expectation(
+            named(f"boilerplate:{key}", gxe.ExpectColumnValuesToNotMatchRegex(column=key, regex=BOILERPLATE_RE))
         )
         suite.add_expectation(
             named(

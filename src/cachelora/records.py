@@ -127,23 +127,56 @@ def write_json(path: str | Path, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def parse_json(text: str) -> Any:
+    """``json.loads`` that refuses NaN and Infinity (bad input, never a number) and nesting too deep to
+    read (ValueError, with the reason; a JSONDecodeError names its line)."""
+    try:
+        return json.loads(text, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 def read_json(path: str | Path) -> Any:
-    """Read a JSON file; a missing or malformed file is a one-line error."""
+    """Read a JSON file; a missing or malformed file (NaN and Infinity included) is a one-line error."""
     path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return parse_json(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CacheloraError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise CacheloraError(f"{path}: is a directory, not a JSON file") from None
     except json.JSONDecodeError as exc:
         raise CacheloraError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
+    except ValueError as exc:
+        raise CacheloraError(f"{path}: malformed JSON ({exc})") from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a mapping holding a key twice (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' appears twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def read_yaml(path: str | Path, *, keys: Iterable[str] = (), missing: str = "file not found") -> dict[str, Any]:
-    """Read a YAML mapping; a missing file (``missing`` says what), malformed YAML or anything but a
-    mapping is a one-line error naming the file (``keys``, the expected ones, name the mapping)."""
+    """Read a YAML mapping; a missing file (``missing`` says what), malformed YAML (a key twice in one
+    mapping included) or anything but a mapping is a one-line error naming the file (``keys``, the
+    expected ones, name the mapping)."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # a SafeLoader
     except FileNotFoundError:
         raise CacheloraError(f"{path}: {missing}") from None
     except yaml.YAMLError as exc:
@@ -163,8 +196,10 @@ def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
     return count
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Read JSONL; blank lines are skipped, a malformed line is an error naming file and line."""
+def read_jsonl_lines(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
+    """Read JSONL as (line number, object) pairs: lines are split at newlines only (a U+2028 inside a
+    text does not shift the count), blank lines are skipped, and a malformed line (NaN or Infinity,
+    nesting too deep) is an error naming file and line."""
     path = Path(path)
     if not path.is_file():
         raise CacheloraError(f"{path}: file not found")
@@ -178,13 +213,20 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = parse_json(line)
             except json.JSONDecodeError as exc:
                 raise CacheloraError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from None
+            except ValueError as exc:
+                raise CacheloraError(f"{path}:{lineno}: malformed JSON ({exc})") from None
             if not isinstance(row, dict):
                 raise CacheloraError(f"{path}:{lineno}: expected a JSON object")
-            rows.append(row)
+            rows.append((lineno, row))
     return rows
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Read JSONL (:func:`read_jsonl_lines`), the objects alone."""
+    return [row for _, row in read_jsonl_lines(path)]
 
 
 def file_md5(path: str | Path) -> str:

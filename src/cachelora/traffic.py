@@ -20,11 +20,12 @@ import pandas as pd
 
 from cachelora.errors import CacheloraError
 from cachelora.lexicon import BAD_RENDER_RE
-from cachelora.records import read_jsonl
+from cachelora.records import read_jsonl_lines
 from cachelora.triplets import normalise
 
 TRAFFIC_DIR = Path("data/natural/traffic")
-SETS = ("dev", "test")
+SETS = ("dev", "test")  # replayed: dev chooses the settings, test reports them
+TRAIN_SET = "train"  # written apart from both: pairs the verifier trains on
 REASK, NEAR_MISS, ORIGINAL = "reask", "near_miss", "original"
 GROUP_SIZE = (2, 3)  # re-asks and near-misses a group holds, each
 MIN_SHARED_WORDS = 0.6  # a near-miss keeps at least this share of its original's distinct words
@@ -71,7 +72,7 @@ def _strings(path: Path, line: int, value: Any, key: str) -> tuple[str, ...]:
 def read_traffic(path: Path, domain: str) -> list[AnswerGroup]:
     """The answer groups of one file; a malformed group is an error naming the file, line and key."""
     groups = []
-    for line, row in enumerate(read_jsonl(path), 1):
+    for line, row in read_jsonl_lines(path):
         for key in ("group_id", "original"):
             if not isinstance(row.get(key), str) or not row[key].strip():
                 raise CacheloraError(f"{path}:{line}: {key}: must be a non-empty string")

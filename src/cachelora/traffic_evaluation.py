@@ -31,8 +31,10 @@ from cachelora.records import read_json, write_json
 from cachelora.splitting import texts_of as triplet_texts
 from cachelora.traffic import (
     SETS,
+    TRAIN_SET,
     AnswerGroup,
     check_traffic,
+    read_traffic,
     read_traffic_sets,
     texts_of,
     traffic_file,
@@ -49,20 +51,25 @@ EMBEDDING, WITH_VERIFIER, VAL_THRESHOLDS = "embedding", "with_verifier", "val_th
 
 def contamination(params: Params, sets: dict[str, dict[str, list[AnswerGroup]]]) -> dict[str, int]:
     """Traffic texts also found where training or choosing could have seen them (must all be 0): both
-    sets against every train split and the corpus; traffic test also against val, natural dev and
-    traffic dev."""
+    sets against every train split, the corpus and the traffic train set (the verifier's); traffic
+    test also against val, natural dev and traffic dev; the natural sets against traffic train."""
     train = triplet_texts([r for d in params.domains for r in read_triplets(paths.split_file(d, "train"))])
     val = triplet_texts([r for d in params.domains for r in read_triplets(paths.split_file(d, "val"))])
-    natural_dev = triplet_texts(read_triplets(paths.natural("dev")))
+    natural = {s: triplet_texts(read_triplets(paths.natural(s))) for s in SETS}
     corpus = corpus_texts(params)
     texts = {s: texts_of([g for groups in sets[s].values() for g in groups]) for s in SETS}
+    verifier_train = texts_of([g for d in params.domains for g in read_traffic(traffic_file(TRAIN_SET, d), d)])
     counts = {
         "dev_in_train": len(texts["dev"] & train),
         "dev_in_corpus": len(texts["dev"] & corpus),
+        "dev_in_traffic_train": len(texts["dev"] & verifier_train),
+        "natural_dev_in_traffic_train": len(natural["dev"] & verifier_train),
+        "natural_test_in_traffic_train": len(natural["test"] & verifier_train),
         "test_in_train": len(texts["test"] & train),
         "test_in_corpus": len(texts["test"] & corpus),
+        "test_in_traffic_train": len(texts["test"] & verifier_train),
         "test_in_val": len(texts["test"] & val),
-        "test_in_natural_dev": len(texts["test"] & natural_dev),
+        "test_in_natural_dev": len(texts["test"] & natural["dev"]),
         "test_in_dev": len(texts["test"] & texts["dev"]),
     }
     if any(counts.values()):

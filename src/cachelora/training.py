@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from cachelora import distributed, paths
 from cachelora.adapters import add_lora
-from cachelora.base_model import load_base, pick_device, pick_precision, weights_sha256
+from cachelora.base_model import load_base, model_sha256, pick_device, pick_precision
 from cachelora.distillation import Distillation
 from cachelora.errors import CacheloraError
 from cachelora.params import MULTI, Params
@@ -232,10 +232,10 @@ def train_model(
     tail = history[-max(1, len(history) // 10) :]
     info = {
         "name": name,
-        "base_model": {"name": params.base_model, "sha256": weights_sha256(params.base_model)},
+        "base_model": {"name": params.base_model, "sha256": model_sha256(params.base_model)},
         "params": {"lora": params.lora.model_dump(), "train": tp.model_dump()},
         "teacher": (
-            {"name": tp.distill.teacher, "sha256": weights_sha256(tp.distill.teacher)} if teacher is not None else None
+            {"name": tp.distill.teacher, "sha256": model_sha256(tp.distill.teacher)} if teacher is not None else None
         ),
         "data": {str(path): file_md5(path) for path in files},
         "triplets": len(rows),

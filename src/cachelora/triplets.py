@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from cachelora.errors import CacheloraError
-from cachelora.records import read_jsonl
+from cachelora.records import read_jsonl_lines
 
 TEXT_FIELDS = ("anchor", "positive", "negative")
 
@@ -53,11 +53,11 @@ def make_record(
 
 def read_triplets(path: str | Path, required: Iterable[str] = TEXT_FIELDS) -> list[dict[str, Any]]:
     """Read triplet JSONL, checking that every row has non-empty string ``required`` fields."""
-    rows = read_jsonl(path)
-    for lineno, row in enumerate(rows, 1):
+    numbered = read_jsonl_lines(path)
+    for lineno, row in numbered:
         for key in required:
             value = row.get(key)
             if not isinstance(value, str) or not value.strip():
                 problem = "missing field" if key not in row else "empty or non-string field"
-                raise CacheloraError(f"{path}: row {lineno}: {problem} '{key}'")
-    return rows
+                raise CacheloraError(f"{path}:{lineno}: {problem} '{key}'")
+    return [row for _, row in numbered]

@@ -2,12 +2,19 @@
 and says whether the cached answer serves the new query.
 
 It is built from the base model's own weights (a fresh one-logit head on the first
-``verifier.layers`` layers) and trained with BinaryCrossEntropyLoss on pairs from every domain's
-train split: (anchor, positive) is a re-ask (1); (anchor, negative) is not (0), and the negatives
-hold the near-miss edits (same words, another answer) beside other-aspect and sibling-topic
-questions; a near-miss row also gives (positive, negative) = 0, the near-miss of one phrasing against
-the other phrasing. Half the pairs, drawn seeded, are presented the other way round, so the order in
-which a cache passes the two queries does not matter. The cache asks it only about candidate hits.
+``verifier.layers`` layers) and trained with BinaryCrossEntropyLoss on two sources of pairs:
+
+- the natural traffic train set (``data/natural/traffic/train/``, written apart from dev and test),
+  when ``verifier.natural_pairs``: re-asks of one question are 1 (original with re-ask, re-ask with
+  re-ask); each near-miss against its original and every re-ask is 0; each re-ask and near-miss
+  against the most word-sharing text of another group in its domain is 0 (what a cache retrieves
+  for a question it has not seen);
+- every domain's generated train split, up to ``verifier.max_pairs``: (anchor, positive) is a re-ask
+  (1); (anchor, negative) is not (0), the negatives holding near-miss edits beside other-aspect and
+  sibling-topic questions; a near-miss row also gives (positive, negative) = 0.
+
+Half the pairs, drawn seeded, are presented the other way round, so the order in which a cache
+passes the two queries does not matter. The cache asks it only about candidate hits.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -24,9 +32,10 @@ import torch
 from tqdm import tqdm
 
 from cachelora import paths
-from cachelora.base_model import resolve_base, weights_sha256
+from cachelora.base_model import model_sha256, resolve_base
 from cachelora.params import Params
 from cachelora.records import file_md5
+from cachelora.traffic import TRAIN_SET, AnswerGroup, check_traffic, read_traffic, traffic_file
 from cachelora.triplets import read_triplets
 
 log = logging.getLogger(__name__)
@@ -48,19 +57,43 @@ def row_pairs(row: dict[str, Any]) -> list[tuple[str, str, int]]:
     return pairs
 
 
-def training_pairs(rows: list[dict[str, Any]], max_pairs: int, seed: int) -> list[tuple[str, str, int]]:
-    """(query, cached, label) pairs of every row (:func:`row_pairs`), a seeded half of them presented
-    the other way round; at most ``max_pairs`` (0 = all): rows are taken whole, in a seeded order."""
+def group_pairs(groups: list[AnswerGroup]) -> list[tuple[str, str, int]]:
+    """(text, text, label) pairs of one domain's traffic answer groups: the original with each re-ask
+    and the re-asks with each other are 1; each near-miss with the original and with each re-ask is
+    0; each re-ask and near-miss with the text of another group that shares most words with it
+    (Jaccard) is 0: what a cache retrieves for a question it has not seen."""
+    pairs: list[tuple[str, str, int]] = []
+    for g in groups:
+        asks = [g.original, *g.reasks]
+        pairs += [(a, b, 1) for i, a in enumerate(asks) for b in asks[i + 1 :]]
+        pairs += [(miss, a, 0) for miss, _ in g.near_misses for a in asks]
+    owner = {t: g.group_id for g in groups for t in g.texts}
+    words = {t: set(re.findall(r"[a-z0-9]+", t.lower())) for t in owner}
+    for g in groups:
+        for text in g.texts[1:]:
+            others = [t for t in owner if owner[t] != g.group_id]
+            if others:
+                nearest = max(others, key=lambda t: (len(words[text] & words[t]) / len(words[text] | words[t]), t))
+                pairs.append((text, nearest, 0))
+    return pairs
+
+
+def training_pairs(
+    rows: list[dict[str, Any]], max_pairs: int, seed: int, natural: list[tuple[str, str, int]] = ()
+) -> list[tuple[str, str, int]]:
+    """(query, cached, label) pairs: every ``natural`` pair, then the rows' (:func:`row_pairs`) up to
+    ``max_pairs`` of them (0 = all; rows are taken whole, in a seeded order); a seeded half of all
+    pairs is presented the other way round."""
     rng = random.Random(f"{seed}:{VERIFIER}")
     order = list(range(len(rows)))
     rng.shuffle(order)
-    pairs: list[tuple[str, str, int]] = []
+    generated: list[tuple[str, str, int]] = []
     for i in order:
         new = row_pairs(rows[i])
-        if max_pairs and len(pairs) + len(new) > max_pairs:
+        if max_pairs and len(generated) + len(new) > max_pairs:
             break
-        for a, b, label in new:
-            pairs.append((a, b, label) if rng.random() < 0.5 else (b, a, label))
+        generated += new
+    pairs = [(a, b, label) if rng.random() < 0.5 else (b, a, label) for a, b, label in [*natural, *generated]]
     rng.shuffle(pairs)
     return pairs
 
@@ -90,7 +123,14 @@ def train_verifier(params: Params) -> tuple[Any, dict[str, Any], dict[str, Any],
     torch.manual_seed(vp.seed)
     files = [paths.split_file(d, "train") for d in params.domains]
     rows = [row for f in files for row in read_triplets(f)]
-    pairs = training_pairs(rows, vp.max_pairs, vp.seed)
+    natural: list[tuple[str, str, int]] = []
+    if vp.natural_pairs:
+        files += [traffic_file(TRAIN_SET, d) for d in params.domains]
+        for d in params.domains:
+            groups = read_traffic(traffic_file(TRAIN_SET, d), d)
+            check_traffic(groups, str(traffic_file(TRAIN_SET, d)), params.traffic.min_groups)
+            natural += group_pairs(groups)
+    pairs = training_pairs(rows, vp.max_pairs, vp.seed, natural)
     model = new_cross_encoder(params)
     loss_fn = BinaryCrossEntropyLoss(model)
     steps = max(1, math.ceil(len(pairs) / vp.batch_size) * vp.epochs)
@@ -121,10 +161,11 @@ def train_verifier(params: Params) -> tuple[Any, dict[str, Any], dict[str, Any],
     wall = time.perf_counter() - started
     info = {
         "name": VERIFIER,
-        "base_model": {"name": params.base_model, "sha256": weights_sha256(params.base_model)},
+        "base_model": {"name": params.base_model, "sha256": model_sha256(params.base_model)},
         "params": vp.model_dump(),
         "data": {str(f): file_md5(f) for f in files},
         "pairs": len(pairs),
+        "natural_pairs": len(natural),
         "near_miss_rows": sum("near_miss_of" in row for row in rows),
         "steps": steps,
     }
@@ -178,6 +219,6 @@ def save_verifier(model: Any, out_dir: Path, info: dict[str, Any], probe: list[t
         (tmp / "README.md").unlink(missing_ok=True)  # a generated model card with run-dependent text
         write_json(tmp / "training_info.json", info)
         diff = float(np.abs(scorer(model)(probe) - scorer(load_verifier(tmp))(probe)).max())
-        if diff > 1e-5:
+        if not diff <= 1e-5:  # NaN too
             raise CacheloraError(f"{out_dir}: reloaded verifier differs from the trained one (max |Δ| = {diff:.2e})")
     log.info("saved %s (reload check max |Δ| = %.1e)", out_dir, diff)

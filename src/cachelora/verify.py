@@ -221,7 +221,7 @@ SOURCE = re.compile(r"`(?P<path>[^`]+)` \(md5 `(?P<md5>[^`]+)`\)")
 
 def check_header(params: Params, path: Path = RESULTS) -> Iterator[str]:
     """RESULTS.md's provenance header and every "Source … md5" citation, against what is here now."""
-    from cachelora.base_model import weights_sha256
+    from cachelora.base_model import model_sha256
 
     lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
     found = {kind: [(i + 1, m) for i, line in enumerate(lines) if (m := rx.match(line))] for kind, rx in HEADER.items()}
@@ -230,7 +230,7 @@ def check_header(params: Params, path: Path = RESULTS) -> Iterator[str]:
             yield f"{path}: header line '{kind}' missing or repeated"
     locked = locked_outputs()
     for lineno, m in found["base"]:
-        if m["name"] != params.base_model or m["sha"] != weights_sha256(params.base_model):
+        if m["name"] != params.base_model or m["sha"] != model_sha256(params.base_model):
             yield f"{path}:{lineno}: base model {m['name']} {m['sha'][:12]}… is not the installed '{params.base_model}'"
     for lineno, m in found["params"]:
         if m["digest"] != params_digest():
