@@ -418,3 +418,40 @@ def test_fetch_refuses_existing_dest_and_bad_digests(tmp_path: Path) -> None:
         fetch_release("s3://cachelora/releases/v1", tmp_path, ANY)
     with pytest.raises(CacheloraError, match=r"^sha256: expected a sha256 \(64 hex digits\), got 'xyz'$"):
         fetch_release("s3://cachelora/releases/v1", tmp_path / "dest", "xyz")
+
+
+def test_fetch_rejects_a_path_that_is_also_a_folder(server: Server, tmp_path: Path) -> None:
+    entry = {"sha256": "0" * 64, "size": 1}
+    bad = json.dumps({"files": [{"path": "zz", **entry}, {"path": "zz/a", **entry}]}).encode()
+    s3_client(server.repo).put_object(Bucket="cachelora", Key="releases/zz/manifest.json", Body=bad)
+    with pytest.raises(CacheloraError, match=r"files\[0\]: 'zz' is also listed as a folder of other files"):
+        fetch_release("s3://cachelora/releases/zz", tmp_path / "d", hashlib.sha256(bad).hexdigest(), repo=server.repo)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_killed_fetchs_temp_is_removed_by_the_next_fetch(server: Server, release: Path, tmp_path: Path) -> None:
+    write_manifest(release)
+    url = "s3://cachelora/releases/after-kill"
+    publish_release(release, url, repo=server.repo)
+    out = tmp_path / "out"
+    leftover = out / ".dest.999999999.abc123.tmp"  # the name a fetch in a process now gone would leave
+    (leftover / "adapters").mkdir(parents=True)
+    (leftover / "adapters" / "half.safetensors").write_bytes(b"x" * 1000)
+    fetch_release(url, out / "dest", _digest(release), repo=server.repo)
+    assert sorted(p.name for p in out.iterdir()) == ["dest"]
+
+
+def test_a_write_failure_during_fetch_is_one_line_and_leaves_nothing(
+    server: Server, release: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_manifest(release)
+    url = "s3://cachelora/releases/full-disk"
+    publish_release(release, url, repo=server.repo)
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("cachelora.releases._download", full)
+    with pytest.raises(CacheloraError, match=r"dest: fetch failed, nothing written \(No space left on device\)$"):
+        fetch_release(url, tmp_path / "out" / "dest", _digest(release), repo=server.repo)
+    assert list((tmp_path / "out").iterdir()) == []

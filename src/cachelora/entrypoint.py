@@ -28,7 +28,9 @@ def configure_logging() -> None:
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Run ``fn`` with logging configured; a CacheloraError prints ``error: ...`` and exits 1."""
+    """Run ``fn`` with logging configured; a CacheloraError prints ``error: ...`` and exits 1, as does
+    an OSError (a full disk, a read-only folder), naming its file. Writes are atomic, so such a
+    failure leaves the previous file in place."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -37,6 +39,10 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except CacheloraError as exc:
             print(f"error: {exc}", file=sys.stderr)
+            sys.exit(1)
+        except OSError as exc:
+            where = f"{exc.filename}: " if exc.filename else ""
+            print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
             sys.exit(1)
 
     return wrapper

@@ -82,8 +82,21 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp_path
         os.replace(tmp_path, path)
+    except OSError as exc:  # a full disk, a read-only folder
+        raise CacheloraError(f"{path}: not written ({exc.strerror or exc}); what was there is kept") from None
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def new_temp_dir(path: str | Path) -> Path:
+    """A new temp directory beside ``path``, named as atomic writes name theirs (so a killed writer's
+    is removed by the next write of ``path``), after removing those already left."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
+    tmp.chmod(0o777 & ~_UMASK)
+    return tmp
 
 
 @contextmanager
@@ -93,10 +106,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     Temps that a killed writer left for the same ``path`` are removed first.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(path)
-    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
-    tmp.chmod(0o777 & ~_UMASK)
+    tmp = new_temp_dir(path)
     try:
         yield tmp
         if path.exists():

@@ -17,14 +17,13 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from cachelora.errors import CacheloraError
-from cachelora.records import file_sha256, read_json, write_json
+from cachelora.records import file_sha256, new_temp_dir, read_json, write_json
 from cachelora.storage import default_remote, error_code, s3_client, s3_errors, split_s3_url
 
 MANIFEST = "manifest.json"
@@ -34,8 +33,6 @@ _MAX_MANIFEST_BYTES = 64 << 20
 _CHUNK = 1 << 20
 _NOT_FOUND = ("NoSuchKey", "404")
 _REFUSED = ("PreconditionFailed", "412", "ConditionalRequestConflict")
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 class ReleaseExists(CacheloraError):
@@ -178,6 +175,7 @@ def _parse_manifest(body: bytes, source: str) -> list[dict[str, Any]]:
     if not isinstance(files, list) or not files:
         raise CacheloraError(f"{source}: expected an object with a non-empty 'files' list")
     seen: set[str] = set()
+    folders: set[str] = set()
     for i, entry in enumerate(files):
         path = entry.get("path") if isinstance(entry, dict) else None
         parts = PurePosixPath(path).parts if isinstance(path, str) else ()
@@ -193,11 +191,15 @@ def _parse_manifest(body: bytes, source: str) -> list[dict[str, Any]]:
         if path in seen:
             raise CacheloraError(f"{source}: files[{i}]: duplicate path {path!r}")
         seen.add(path)
+        folders.update(PurePosixPath(*parts[:n]).as_posix() for n in range(1, len(parts)))
         if not isinstance(entry.get("sha256"), str) or not _SHA256.fullmatch(entry["sha256"]):
             raise CacheloraError(f"{source}: files[{i}] ({path}): bad sha256")
         size = entry.get("size")
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise CacheloraError(f"{source}: files[{i}] ({path}): bad size")
+    for i, entry in enumerate(files):
+        if entry["path"] in folders:
+            raise CacheloraError(f"{source}: files[{i}]: {entry['path']!r} is also listed as a folder of other files")
     return files
 
 
@@ -351,9 +353,7 @@ def fetch_release(url: str, dest: Path, sha256: str, repo: Path | None = None) -
             f"{source}: sha256 mismatch: expected {expected}, got {actual} (not the release that was published)"
         )
     entries = _parse_manifest(body, source)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".fetch", dir=dest.parent))
-    tmp.chmod(0o777 & ~_UMASK)
+    tmp = new_temp_dir(dest)  # a killed fetch's leftover is removed by the next fetch to dest
     try:
         with s3_errors(client, bucket):
             for entry in entries:
@@ -361,10 +361,11 @@ def fetch_release(url: str, dest: Path, sha256: str, repo: Path | None = None) -
                 target.parent.mkdir(parents=True, exist_ok=True)
                 _download(client, bucket, f"{prefix}/{entry['path']}", target, entry, f"{canonical}/{entry['path']}")
         (tmp / MANIFEST).write_bytes(body)
-        try:
-            os.rename(tmp, dest)  # fails when dest appeared meanwhile (unless it is an empty directory)
-        except OSError:
-            raise CacheloraError(f"{dest}: already exists (fetch never overwrites)") from None
+        if dest.exists():
+            raise CacheloraError(f"{dest}: already exists (fetch never overwrites)")
+        os.rename(tmp, dest)
+    except OSError as exc:  # a full disk, a read-only folder: nothing is left behind
+        raise CacheloraError(f"{dest}: fetch failed, nothing written ({exc.strerror or exc})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return [e["path"] for e in entries]
