@@ -160,3 +160,15 @@ def test_publish_and_export_default_to_the_deploy_model() -> None:
     for command in (cli.publish, cli.export):
         model = next(p for p in command.params if p.name == "model_name")
         assert model.default is None, command.name
+
+
+def test_publish_refuses_what_verify_fails_before_building_anything(monkeypatch):
+    import cachelora.releases
+    import cachelora.verify
+
+    built = []
+    monkeypatch.setattr(cachelora.verify, "verify", lambda params: (["models/multi: partial model directory"], 6))
+    monkeypatch.setattr(cachelora.releases, "build_release", lambda *a: built.append(a))
+    result = CliRunner().invoke(main, ["publish", "--to", "s3://cachelora/releases/v9"])
+    assert result.exit_code == 1 and built == []
+    assert "publish refused: verify found 1 problem(s), first: models/multi: partial model directory" in result.output

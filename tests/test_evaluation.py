@@ -10,6 +10,7 @@ from cachelora.evaluation import (
     group_bootstrap,
     max_f1_threshold,
     models_metrics,
+    operating_points,
     pipeline_sets,
     pr_curve,
     reference_loaders,
@@ -120,6 +121,17 @@ def test_thresholds_come_from_val_never_from_test():
     assert result["deploy"]["test"]["hit_rate"] == test["replay"]["hit_rate"]
 
 
+@pytest.mark.parametrize(("target", "expected"), [(0.95, 0.6), (0.9, 0.35), (0.85, 0.05)])
+def test_operating_points_are_chosen_at_the_target_precision_given(target, expected):
+    """Twenty lookups, nearest first (1.0, 0.95, ...), wrong at the 10th, 15th and 20th: precision
+    holds 0.95 down to the 9th (0.6), 0.9 down to the 14th (13/14; 0.35), 0.85 down to the 20th."""
+    top1 = np.round(1.0 - 0.05 * np.arange(20), 4)
+    correct = np.array([i not in (9, 14, 19) for i in range(20)])
+    pair = scores([0.8, 0.7], [0.4, 0.5])
+    chosen = operating_points({ALL: Scored(pair, Replay(top1, correct))}, target)
+    assert chosen[ALL]["replay"] == pytest.approx(expected)
+
+
 def test_deploy_picks_the_best_val_hit_rate_at_its_own_operating_point():
     correct = [True, True, True, False]
     models = {
@@ -224,3 +236,33 @@ def test_a_large_split_is_scored_on_a_seeded_sample_of_max_triplets_per_domain(t
     assert sets(25) == sampled and sets(25, seed=7)["val"]["medical"] != val
     assert len(sampled["natural_test"]["medical"]) == 30
     assert sets(0)["val"]["medical"] == rows == sets(60)["test"]["medical"]
+
+
+@pytest.mark.parametrize("source", ["train", "corpus", "val", "natural_dev"])
+def test_natural_test_sharing_a_text_with_what_trains_or_chooses_is_refused(tmp_path, monkeypatch, source):
+    """Each place a natural test text could have been seen is looked at: a copy in any one is counted."""
+    from cachelora import paths
+    from cachelora.evaluation import contamination
+
+    monkeypatch.chdir(tmp_path)
+    rows = tiny_rows(12, seed=4)
+    natural_test = [dict(r, domain="medical") for r in rows[:4]]
+    copied = dict(rows[8], anchor=natural_test[0]["positive"].upper())  # normalised equal
+    write_jsonl(paths.split_file("medical", "train"), [copied if source == "train" else rows[8]])
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    query = copied["anchor"] if source == "corpus" else "a corpus question nobody asks"
+    original = {"domain": "medical", "topic": "t", "query": query, "paraphrases": ["p 1", "p 2", "p 3"]}
+    write_jsonl(corpus / "medical.jsonl", [dict(original, negatives=["n 1", "n 2"])])
+    params = tiny_params(generate={"corpus": str(corpus)})
+    sets = {
+        "val": {ALL: [copied if source == "val" else rows[9]]},
+        "natural_dev": {ALL: [copied if source == "natural_dev" else rows[10]]},
+        "natural_test": {ALL: natural_test},
+    }
+    with pytest.raises(CacheloraError, match=rf"natural_test_in_{source}': 1"):
+        contamination(params, sets)
+    sets = {"val": {ALL: [rows[9]]}, "natural_dev": {ALL: [rows[10]]}, "natural_test": {ALL: natural_test}}
+    write_jsonl(paths.split_file("medical", "train"), [rows[8]])
+    if source != "corpus":
+        assert set(contamination(params, sets).values()) == {0}

@@ -124,10 +124,12 @@ def user_rows(negative, groups=40):
 def test_rows_sharing_a_held_out_text_are_counted_then_dropped():
     rows = user_rows(lambda i: f"q{(i + 1) % 40} original")  # each negative is another row's positive
     splits, metrics = split_rows(rows, SPLIT, "user")
-    shared = metrics["texts_shared"]["test_in_train"] + metrics["texts_shared"]["val_in_train"]
-    assert shared > 0 and metrics["dropped_overlap"]["train"] > 0
+    shared = metrics["texts_shared"]
+    assert shared["test_in_train"] > 0 and shared["val_in_train"] > 0 and metrics["dropped_overlap"]["train"] > 0
     assert sum(metrics["rows"].values()) + sum(metrics["dropped_overlap"].values()) == len(rows)
     assert not texts_of(splits["test"]) & texts_of(splits["train"])
+    assert not texts_of(splits["val"]) & texts_of(splits["train"])
+    assert not texts_of(splits["test"]) & texts_of(splits["val"])
 
 
 def test_seeded(lexicons):

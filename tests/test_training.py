@@ -127,6 +127,23 @@ def test_a_training_step_sends_gradient_through_the_hard_negatives(train_file, m
         assert anchor is not None and positive is not None
 
 
+@pytest.mark.parametrize("temperature", [0.05, 0.2])
+def test_the_loss_is_mnrl_at_the_temperature_param(train_file, monkeypatch, temperature):
+    """A step's loss is cross-entropy over each anchor's cosines to every positive and negative of the
+    batch, divided by ``train.temperature`` (the default 0.05 is scale 20: a second value tells them apart)."""
+    import cachelora.training as training
+
+    columns: list[list[torch.Tensor]] = []
+    embed = training.embed_columns
+    monkeypatch.setattr(training, "embed_columns", lambda *a, **k: columns.append(embed(*a, **k)) or columns[-1])
+    result = train_model("medical", tiny_model_params(temperature=temperature, max_steps=1), [train_file])
+    anchor, positive, negative = (c.detach() for c in columns[0])
+    candidates = torch.nn.functional.normalize(torch.cat([positive, negative]), dim=-1)
+    scores = torch.nn.functional.normalize(anchor, dim=-1) @ candidates.T / temperature
+    expected = torch.nn.functional.cross_entropy(scores, torch.arange(len(anchor)))
+    assert result.history[0]["loss"] == pytest.approx(float(expected), abs=1e-4)
+
+
 def test_training_moves_only_lora_weights(train_file):
     trained = train_model("medical", tiny_model_params(), [train_file])
     trainable = [n for n, p in trained.model.named_parameters() if p.requires_grad]
