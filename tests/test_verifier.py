@@ -10,10 +10,33 @@ import pytest
 from cachelora import verifier as V
 from cachelora.lexicon import Lexicon
 from cachelora.near_miss import with_near_misses
+from cachelora.traffic import AnswerGroup
 from tests.conftest import TINY_LEXICON, tiny_params, tiny_rows
 
 RULES = {"swaps": {"negation": [["can", "can't"]]}, "qualifiers": {"population": ["in children", "in adults"]}}
 ROWS = with_near_misses(tiny_rows(40), Lexicon.model_validate({**TINY_LEXICON, "near_misses": RULES}), 0.5, seed=3)
+GROUPS = [
+    AnswerGroup(
+        "medical-train-001",
+        "medical",
+        "Can I take ibuprofen 400 mg after my wisdom tooth extraction?",
+        ("ibuprofen after wisdom teeth out ok", "My dentist pulled two wisdom teeth today, is Advil fine for the pain?"),
+        (
+            ("Can I take ibuprofen 400 mg before my wisdom tooth extraction?", "sibling"),
+            ("Can I take ibuprofen 400 mg after my wisdom tooth extraction while pregnant?", "population"),
+        ),
+    ),
+    AnswerGroup(
+        "medical-train-002",
+        "medical",
+        "How long should I wait to swim after getting a tattoo on my arm?",
+        ("swimming after new tattoo how many days", "got inked on my forearm saturday, when can i hit the pool"),
+        (
+            ("How long should I wait to swim after getting a tattoo removed from my arm?", "sibling"),
+            ("How long should I wait to sunbathe after getting a tattoo on my arm?", "sibling"),
+        ),
+    ),
+]
 
 
 def test_pairs_are_reasks_against_negatives_and_near_misses_against_both_phrasings() -> None:
@@ -35,6 +58,29 @@ def test_pairs_are_reasks_against_negatives_and_near_misses_against_both_phrasin
     assert 27 < len(few) <= 30 and set(few) <= set(pairs) | {(c, q, label) for q, c, label in pairs}
 
 
+def test_traffic_groups_give_reasks_as_positives_and_near_misses_and_other_groups_as_negatives() -> None:
+    pairs = V.group_pairs(GROUPS)
+    labels = {frozenset((a, b)): label for a, b, label in pairs}
+    assert len(labels) == len(pairs)  # no pair twice
+    for g in GROUPS:
+        asks = [g.original, *g.reasks]
+        assert all(labels[frozenset((a, b))] == 1 for a in asks for b in asks if a != b)
+        assert all(labels[frozenset((m, a))] == 0 for m, _ in g.near_misses for a in asks)
+    crossing = [(a, b) for a, b, label in pairs if {a, b} - set(GROUPS[0].texts) and {a, b} - set(GROUPS[1].texts)]
+    met = {a for pair in crossing for a in pair}
+    assert all(t in met for g in GROUPS for t in g.texts[1:])  # every re-ask and near-miss meets another group
+    assert all(labels[frozenset(p)] == 0 for p in crossing)
+    assert sum(label for *_, label in pairs) == 2 * 3  # the three asks of each group, pairwise
+
+
+def test_natural_pairs_are_all_kept_and_generated_ones_capped() -> None:
+    natural = V.group_pairs(GROUPS)
+    pairs = V.training_pairs(ROWS, max_pairs=30, seed=1, natural=natural)
+    assert 27 + len(natural) < len(pairs) <= 30 + len(natural)
+    seen = {frozenset((q, c)) for q, c, _ in pairs}
+    assert all(frozenset((a, b)) in seen for a, b, _ in natural)
+
+
 def test_the_verifier_learns_and_reloads_as_a_plain_cross_encoder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -46,10 +92,20 @@ def test_the_verifier_learns_and_reloads_as_a_plain_cross_encoder(
 
     monkeypatch.chdir(tmp_path)
     write_jsonl(tmp_path / "data" / "splits" / "medical" / "train.jsonl", ROWS)
-    params = tiny_params(verifier={"layers": 1, "max_pairs": 0, "batch_size": 16, "lr": 2e-4, "epochs": 3})
+    traffic = [
+        {"group_id": g.group_id, "domain": g.domain, "original": g.original, "reasks": list(g.reasks),
+         "near_misses": [{"text": t, "kind": k} for t, k in g.near_misses]}
+        for g in GROUPS
+    ]  # fmt: skip
+    write_jsonl(tmp_path / "data" / "natural" / "traffic" / "train" / "medical.jsonl", traffic)
+    params = tiny_params(
+        verifier={"layers": 1, "max_pairs": 0, "batch_size": 16, "lr": 2e-4, "epochs": 3}, traffic={"min_groups": 2}
+    )
     model, info, run, history = V.train_verifier(params)
     first, last = history[0]["loss"], np.mean([h["loss"] for h in history[-3:]])
-    assert last < first and info["pairs"] > 2 * len(ROWS) and info["near_miss_rows"] > 0
+    assert last < first and info["near_miss_rows"] > 0
+    assert info["natural_pairs"] == len(V.group_pairs(GROUPS)) and info["pairs"] > 2 * len(ROWS) + info["natural_pairs"]
+    assert "data/natural/traffic/train/medical.jsonl" in info["data"]
     probe = [(r["anchor"], r["positive"]) for r in ROWS[:4]]
     V.save_verifier(model, tmp_path / "verifier", info, probe)
     import json

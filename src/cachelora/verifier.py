@@ -69,12 +69,15 @@ def group_pairs(groups: list[AnswerGroup]) -> list[tuple[str, str, int]]:
         pairs += [(miss, a, 0) for miss, _ in g.near_misses for a in asks]
     owner = {t: g.group_id for g in groups for t in g.texts}
     words = {t: set(re.findall(r"[a-z0-9]+", t.lower())) for t in owner}
+    met: set[frozenset[str]] = set()
     for g in groups:
         for text in g.texts[1:]:
             others = [t for t in owner if owner[t] != g.group_id]
             if others:
                 nearest = max(others, key=lambda t: (len(words[text] & words[t]) / len(words[text] | words[t]), t))
-                pairs.append((text, nearest, 0))
+                if frozenset((text, nearest)) not in met:  # two texts each other's nearest: one pair
+                    met.add(frozenset((text, nearest)))
+                    pairs.append((text, nearest, 0))
     return pairs
 
 
