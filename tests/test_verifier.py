@@ -20,7 +20,7 @@ GROUPS = [
         "medical-train-001",
         "medical",
         "Can I take ibuprofen 400 mg after my wisdom tooth extraction?",
-        ("ibuprofen after wisdom teeth out ok", "My dentist pulled two wisdom teeth today, is Advil fine for the pain?"),
+        ("ibuprofen after wisdom teeth out ok", "My dentist pulled two wisdom teeth today, is Advil fine for pain?"),
         (
             ("Can I take ibuprofen 400 mg before my wisdom tooth extraction?", "sibling"),
             ("Can I take ibuprofen 400 mg after my wisdom tooth extraction while pregnant?", "population"),
