@@ -165,3 +165,42 @@ def test_the_verifier_ships_beside_the_model_it_was_calibrated_with(in_tmp: Path
     assert (in_tmp / "out" / "verifier" / "config.json").read_text() == "{}"
     assert config["verifier"]["per_domain"] == {"law": 0.7} and "verifier/config.json" in config["checksums"]
     export.check_export_target(in_tmp / "out")  # a later export may replace it
+
+
+def test_the_exported_directory_read_as_the_router_reads_it_gives_evaluates_vectors(
+    in_tmp: Path, monkeypatch, tiny_adapter: Path
+) -> None:
+    """tokenizers' tokenizer.json + transformers' AutoModel, mean pooling, L2 (what candle's BERT path does),
+    on a query far longer than the tokenizer's old 128-token limit and on a short one, equal evaluate's
+    vectors (the served model at its max_seq_length) to 1e-5, with the attention mask or without."""
+    import shutil
+
+    import numpy as np
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import AutoModel
+
+    from cachelora.adapters import load_served_model
+
+    shutil.copytree(tiny_adapter, in_tmp / "models" / "medical")
+    monkeypatch.setattr(export, "shipped_thresholds", lambda metrics, name: {"global": {"threshold": 0.9}})
+    monkeypatch.setattr(export, "semantic_router_snippet", lambda name, thresholds: "")
+    write_json(in_tmp / "eval.json", {"deploy": {"model": "medical"}})
+    config = export.export_model(None, in_tmp / "out", eval_path=in_tmp / "eval.json")
+    served = load_served_model(in_tmp / "models" / "medical")
+    assert config["max_seq_length"] == served.max_seq_length
+    queries = ["is ibuprofen safe after a tooth extraction", " ".join(["my knee hurts when I climb stairs"] * 30)]
+    tokenizer = Tokenizer.from_file(str(in_tmp / "out" / "tokenizer.json"))
+    assert len(tokenizer.encode(queries[1]).ids) == served.max_seq_length < 128
+    model = AutoModel.from_pretrained(str(in_tmp / "out")).eval()
+    for query in queries:
+        encoding = tokenizer.encode(query)
+        ids = torch.tensor([encoding.ids])
+        mask = torch.tensor([encoding.attention_mask])
+        with torch.no_grad():
+            hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state[0]
+        masked = (hidden * mask[0, :, None]).sum(0) / mask.sum()
+        for pooled in (masked, hidden.mean(0)):  # no padding: a reader without the mask gets the same
+            vector = torch.nn.functional.normalize(pooled, dim=0).numpy()
+            expected = served.encode([query], normalize_embeddings=True)[0]
+            np.testing.assert_allclose(vector, expected, atol=1e-5)

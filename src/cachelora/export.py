@@ -150,6 +150,25 @@ def _load(model_name: str) -> tuple[Any, dict[str, Any], str | None]:
     return model, info["base_model"], file_sha256(adapter / WEIGHTS)
 
 
+def pin_tokenizer(folder: Path, max_seq_length: int) -> None:
+    """Make the saved ``tokenizer.json`` read text as the model was evaluated, whoever reads it (the
+    router's candle, ``tokenizers``, transformers): truncation at the model's ``max_seq_length`` and
+    no padding (the base model's file pads every input to a fixed 128, which a reader that mean-pools
+    without the attention mask averages in). ``tokenizer_config.json``'s ``model_max_length`` agrees."""
+    from tokenizers import Tokenizer
+
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        return
+    tokenizer = Tokenizer.from_file(str(path))
+    tokenizer.enable_truncation(max_length=max_seq_length)
+    tokenizer.no_padding()
+    tokenizer.save(str(path))
+    config_path = folder / "tokenizer_config.json"
+    if config_path.is_file():
+        write_json(config_path, {**read_json(config_path), "model_max_length": max_seq_length})
+
+
 def _pooling(model: Any) -> str | None:
     """The Pooling module's mode(s), e.g. ``mean``; None when the model has no Pooling module."""
     for module in model:
@@ -250,6 +269,7 @@ def _write_export(
 
     with atomic_dir(out) as tmp:
         model.save(str(tmp))
+        pin_tokenizer(tmp, model.max_seq_length)
         if verifier is not None:
             shutil.copytree(verifier_dir(), tmp / VERIFIER_DIR)
         modules = [type(m).__name__ for m in model]
