@@ -172,3 +172,21 @@ def test_publish_refuses_what_verify_fails_before_building_anything(monkeypatch)
     result = CliRunner().invoke(main, ["publish", "--to", "s3://cachelora/releases/v9"])
     assert result.exit_code == 1 and built == []
     assert "publish refused: verify found 1 problem(s), first: models/multi: partial model directory" in result.output
+
+
+def test_version_and_a_fast_help():
+    import subprocess
+    import sys
+
+    from cachelora import cli, evaluation
+
+    result = CliRunner().invoke(main, ["--version"])
+    assert result.exit_code == 0 and result.output.startswith("cachelora, version ")
+    assert cli.ALL == evaluation.ALL
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, cachelora.cli; print('sklearn' in sys.modules, 'torch' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert loaded.stdout.split() == ["False", "False"]  # --help does not wait for the evaluation stack

@@ -139,7 +139,7 @@ TRAFFIC = {
             "all": {"threshold": 0.6, "verifier_threshold": 0.75},
         },
         "dev": {"all": {"reask_hit_rate": 0.6}},
-        "test": {"all": {"reask_hit_rate": 0.5}},
+        "test": {"all": {"reask_hit_rate": 0.5, "near_miss_wrong_hit_rate": 0.01, "hit_precision": 0.96}},
     },
 }
 
@@ -148,7 +148,7 @@ def test_the_verifier_ships_beside_the_model_it_was_calibrated_with(in_tmp: Path
     block = export.verifier_settings(TRAFFIC, "multi")
     assert block["path"] == export.VERIFIER_DIR and block["threshold"] == 0.75
     assert block["per_domain"] == {"law": 0.7} and block["embedding_per_domain"] == {"law": 0.55}
-    assert block["traffic_test"] == {"all": {"reask_hit_rate": 0.5}}
+    assert block["traffic_test"] == TRAFFIC["shipped"]["test"]
     assert export.verifier_settings(TRAFFIC, "merged") is None  # calibrated with another embedding model
     assert export.verifier_settings(None, "multi") is None
 
@@ -164,6 +164,8 @@ def test_the_verifier_ships_beside_the_model_it_was_calibrated_with(in_tmp: Path
     config = export.export_model(None, in_tmp / "out", eval_path=in_tmp / "eval.json")
     assert (in_tmp / "out" / "verifier" / "config.json").read_text() == "{}"
     assert config["verifier"]["per_domain"] == {"law": 0.7} and "verifier/config.json" in config["checksums"]
+    card = (in_tmp / "out" / "README.md").read_text()
+    assert "re-ask hit rate 0.500, near-miss wrong-hit rate 0.010, hit precision 0.960" in card
     export.check_export_target(in_tmp / "out")  # a later export may replace it
 
 
@@ -189,6 +191,9 @@ def test_the_exported_directory_read_as_the_router_reads_it_gives_evaluates_vect
     config = export.export_model(None, in_tmp / "out", eval_path=in_tmp / "eval.json")
     served = load_served_model(in_tmp / "models" / "medical")
     assert config["max_seq_length"] == served.max_seq_length
+    card = (in_tmp / "out" / "README.md").read_text()  # ours, not the base model's upstream card
+    assert card.startswith("# cachelora export: `medical`") and f"truncated at {served.max_seq_length} tokens" in card
+    assert config["checksums"]["README.md"] == file_sha256(in_tmp / "out" / "README.md")
     queries = ["is ibuprofen safe after a tooth extraction", " ".join(["my knee hurts when I climb stairs"] * 30)]
     tokenizer = Tokenizer.from_file(str(in_tmp / "out" / "tokenizer.json"))
     assert len(tokenizer.encode(queries[1]).ids) == served.max_seq_length < 128

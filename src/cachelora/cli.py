@@ -10,17 +10,10 @@ import click
 
 from cachelora.entrypoint import user_errors
 from cachelora.errors import CacheloraError
-from cachelora.evaluation import (
-    ALL,
-    BASELINE,
-    evaluation_rows,
-    model_loaders,
-    operating_points,
-    report_set,
-    score_models,
-    with_all,
-)
+from cachelora.params import BASELINE
 from cachelora.records import read_json, write_json
+
+ALL = "all"  # evaluation.ALL: every group pooled (imported lazily: the evaluation stack is slow to import)
 
 
 class FiniteFloat(click.ParamType):
@@ -44,12 +37,15 @@ class FiniteFloat(click.ParamType):
 
 
 @click.group()
+@click.version_option(package_name="cachelora", prog_name="cachelora")
 def main() -> None:
     """Train and verify domain LoRA adapters for semantic-cache embedding models."""
 
 
 def _groups(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     """Rows by their ``domain`` field (when every row has one), plus ``all`` (one cache for every row)."""
+    from cachelora.evaluation import with_all
+
     if not all(isinstance(r.get("domain"), str) and r["domain"] for r in rows):
         return {ALL: rows}
     groups: dict[str, list[dict[str, Any]]] = {}
@@ -152,6 +148,8 @@ def evaluate(
     Thresholds come from --threshold, from --thresholds-from (chosen on val by the pipeline), or
     else are chosen on this same file and labelled in-sample.
     """
+    from cachelora.evaluation import evaluation_rows, model_loaders, operating_points, report_set, score_models
+
     if threshold is not None and thresholds_from is not None:
         raise CacheloraError("--threshold and --thresholds-from exclude each other")
     if json_out is not None and json_out.is_dir():

@@ -15,6 +15,7 @@ from cachelora.records import atomic_dir, file_sha256, read_json, write_json, wr
 log = logging.getLogger(__name__)
 
 CACHE_CONFIG = "cache_config.json"
+MODEL_CARD = "README.md"
 
 
 SEMANTIC_ROUTER_CONFIG = "semantic_router.yaml"
@@ -274,7 +275,7 @@ def _write_export(
             shutil.copytree(verifier_dir(), tmp / VERIFIER_DIR)
         modules = [type(m).__name__ for m in model]
         write_text(tmp / SEMANTIC_ROUTER_CONFIG, semantic_router_snippet(model_name, thresholds))
-        config = {
+        config: dict[str, Any] = {
             "model": model_name,
             "deploy_choice": model_name == eval_metrics["deploy"]["model"],
             "base_model": base,
@@ -286,7 +287,58 @@ def _write_export(
             "similarity": "cosine",
             "thresholds": thresholds,
             "verifier": verifier,
-            "checksums": {p.relative_to(tmp).as_posix(): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()},
         }
+        write_text(tmp / MODEL_CARD, model_card(config))  # in place of the base model's upstream card
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        config["checksums"] = {p.relative_to(tmp).as_posix(): file_sha256(p) for p in files}
         write_json(tmp / CACHE_CONFIG, config)
     return config
+
+
+def model_card(config: dict[str, Any]) -> str:
+    """The export's README.md: what the model is, how it was chosen, and what it does at the shipped
+    settings (every figure from ``cache_config.json``, which it names)."""
+    g = config["thresholds"]["global"]
+    base = config["base_model"]
+    merged = ", LoRA merged into its weights." if config["adapter_sha256"] else "."
+    measured = "; ".join(
+        f"{s} hit precision {g[s]['hit_precision']:.3f}, hit rate {g[s]['hit_rate']:.3f}" for s in SETS if s in g
+    )
+    lines = [
+        f"# cachelora export: `{config['model']}`",
+        "",
+        f"A sentence-transformers model for a semantic cache: base `{base.get('name')}` (sha256 "
+        f"`{str(base.get('sha256'))[:16]}…`){merged}",
+        f"{config['pooling']} pooling, L2-normalised, {config['dimension']} dimensions, inputs truncated at "
+        f"{config['max_seq_length']} tokens; compare by cosine. Every figure below is in `{CACHE_CONFIG}`.",
+        "",
+        "## Cache thresholds (chosen on the generated val split)",
+        "",
+        f"Global threshold {g['threshold']:.4f}: {measured}. Per domain: `thresholds.per_domain`.",
+    ]
+    verifier = config.get("verifier")
+    if verifier:
+        test = verifier["traffic_test"]["all"]
+        lines += [
+            "",
+            "## With the verifier (chosen on natural traffic dev)",
+            "",
+            f"`{verifier['path']}/` is a `sentence_transformers.CrossEncoder` that reads (query, cached query). "
+            f"Rule: {verifier['rule']}. Thresholds per domain: `verifier.per_domain`, `verifier.embedding_per_domain`.",
+            f"On natural traffic test: re-ask hit rate {test['reask_hit_rate']:.3f}, near-miss wrong-hit rate "
+            f"{test['near_miss_wrong_hit_rate']:.3f}, hit precision {test['hit_precision']:.3f}.",
+        ]
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from sentence_transformers import SentenceTransformer",
+        'model = SentenceTransformer("path/to/this/export")',
+        'vectors = model.encode(["can I take ibuprofen after a tooth extraction"], normalize_embeddings=True)',
+        "```",
+        "",
+        f"`{SEMANTIC_ROUTER_CONFIG}` holds the settings for vllm-project/semantic-router (its comments say what"
+        " the router will not check).",
+    ]
+    return "\n".join(lines) + "\n"
