@@ -38,3 +38,16 @@ def test_an_os_error_outside_a_write_is_one_line_naming_its_file(tmp_path):
     result = CliRunner().invoke(stage, [])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert result.output.strip() == f"error: {tmp_path / 'missing' / 'x.txt'}: No such file or directory"
+
+
+def test_peft_offline_base_config_notices_are_not_repeated_to_the_user():
+    import warnings
+
+    from cachelora.entrypoint import configure_logging
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        configure_logging()
+        warnings.warn("Could not find a config file in all-MiniLM-L6-v2 - will assume ...", UserWarning, stacklevel=1)
+        warnings.warn("something else", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in seen] == ["something else"]

@@ -23,6 +23,9 @@ def configure_logging() -> None:
         datefmt="%H:%M:%S",
     )
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notices between our pinned libraries
+    # peft looks for the base model's config on the hub when it saves or loads an adapter of a base named
+    # offline (never used: the embeddings are not resized); said once per adapter, 13 times an experiment
+    warnings.filterwarnings("ignore", message=r"(Could not find a config file in|Unable to fetch remote file)")
     for noisy in ("httpx", "great_expectations", "sentence_transformers", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
