@@ -76,6 +76,7 @@ class Reply:
     content: str | None = None
     delay: float = 0.0
     raw: bytes | None = None
+    trickle: float = 0.0  # seconds between the body's bytes (0: all at once)
 
 
 class FakeLLM:
@@ -149,6 +150,7 @@ def make_handler(fake: FakeLLM) -> type[BaseHTTPRequestHandler]:
                 fake.replied(body, 200 if reply.raw is not None else reply.status)
 
         def answer(self, body: dict[str, Any], reply: Reply) -> None:
+            self.trickle = reply.trickle
             if reply.raw is not None:
                 return self.send(200, reply.raw)
             if reply.status != 200:
@@ -178,7 +180,13 @@ def make_handler(fake: FakeLLM) -> type[BaseHTTPRequestHandler]:
                 if status >= 400:  # the SDK honours it instead of its own backoff (0.5 s, doubling)
                     self.send_header("Retry-After-Ms", "10")
                 self.end_headers()
-                self.wfile.write(data)
+                if getattr(self, "trickle", 0.0):
+                    for i in range(len(data)):
+                        self.wfile.write(data[i : i + 1])
+                        self.wfile.flush()
+                        time.sleep(self.trickle)
+                else:
+                    self.wfile.write(data)
             except (BrokenPipeError, ConnectionResetError):  # the client timed out and left
                 pass
 
@@ -422,6 +430,14 @@ def test_timeout_is_retried(server: FakeLLM, lexicon: Lexicon) -> None:
     server.script = [Reply(delay=1.0)]
     rows = llm.generate_with_llm(make_params(server, timeout=0.5, queries_per_domain=1), lexicon)
     assert len(rows) == 1 and len(server.requests) == 3
+
+
+def test_a_reply_trickling_in_times_out_as_a_whole(server: FakeLLM, lexicon: Lexicon) -> None:
+    """A byte every 50 ms never trips a per-read timeout of 0.5 s; the whole reply's deadline does."""
+    server.script = [Reply(trickle=0.05)]
+    started = time.monotonic()
+    rows = llm.generate_with_llm(make_params(server, timeout=0.5, queries_per_domain=1), lexicon)
+    assert len(rows) == 1 and len(server.requests) == 3 and time.monotonic() - started < 5
 
 
 def test_retries_exhausted(server: FakeLLM, lexicon: Lexicon) -> None:

@@ -354,12 +354,15 @@ class ChatClient:
             with self._lock:
                 if self._tls is None:  # what each client would build (trust_env: SSL_CERT_FILE etc.)
                     self._tls = httpx2.create_ssl_context()
+            from openai._constants import DEFAULT_CONNECTION_LIMITS
+
+            transport = WholeReplyDeadline(self.cfg.timeout, verify=self._tls, limits=DEFAULT_CONNECTION_LIMITS)
             client = self._local.client = openai.OpenAI(
                 base_url=self.cfg.base_url,
                 api_key=os.environ.get(self.cfg.api_key_env) or "EMPTY",
                 timeout=self.cfg.timeout,
                 max_retries=self.cfg.retries,
-                http_client=openai.DefaultHttpxClient(verify=self._tls),
+                http_client=openai.DefaultHttpxClient(transport=transport),
             )
             with self._lock:
                 self._clients.append(client)
@@ -462,6 +465,36 @@ class ChatClient:
         else:
             problem = f"connection failed ({_short(str(exc.__cause__ or exc))})"
         return CacheloraError(f"{self.url}: no usable reply after {attempts} attempts (last: {problem})")
+
+
+class WholeReplyDeadline(httpx2.HTTPTransport):
+    """A transport that gives up on a reply whose body is not whole ``seconds`` after the request was
+    sent: httpx's timeouts are per read, so a server sending a byte a second never trips them. The
+    SDK sees a ReadTimeout, which it retries as any timeout."""
+
+    def __init__(self, seconds: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.seconds = seconds
+
+    def handle_request(self, request: httpx2.Request) -> httpx2.Response:
+        deadline = time.monotonic() + self.seconds
+        response = super().handle_request(request)
+        response.stream = _DeadlineStream(response.stream, deadline, self.seconds, request)
+        return response
+
+
+class _DeadlineStream(httpx2.SyncByteStream):
+    def __init__(self, stream: Any, deadline: float, seconds: float, request: httpx2.Request) -> None:
+        self.stream, self.deadline, self.seconds, self.request = stream, deadline, seconds, request
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self.stream:
+            if time.monotonic() > self.deadline:
+                raise httpx2.ReadTimeout(f"reply not whole within {self.seconds:g}s", request=self.request)
+            yield chunk
+
+    def close(self) -> None:
+        self.stream.close()
 
 
 def _retries_taken(request: httpx2.Request) -> int:
