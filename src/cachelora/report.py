@@ -29,6 +29,7 @@ EVAL = paths.METRICS_DIR / "eval.json"
 TRAFFIC = paths.METRICS_DIR / "traffic.json"
 TRAFFIC_COST = paths.METRICS_DIR / "traffic_cost.json"
 ABLATION = Path("benchmarks/results/ablation.json")  # benchmarks/ablation_near_miss.py: no near-miss negatives
+ABLATION_VERIFIER = Path("benchmarks/results/ablation_verifier.json")  # benchmarks/ablation_verifier.py
 
 
 # --- citations ---------------------------------------------------------------------------------
@@ -240,6 +241,14 @@ def traffic_ablation_table(params: Params) -> Table:
                 for _, k in TRAFFIC_FIGURES
             )
             rows.append((f"{ablated}, {label} near-miss negatives", mode_label, *cells))
+    deploy = read_json(ABLATION_VERIFIER)["model"]
+    for variant, label in (("with_natural_pairs", "with"), ("without_natural_pairs", "without")):
+        cells = (
+            Cell(ABLATION_VERIFIER, f"{variant}.traffic.with_verifier.{s}.{ALL}.{k}", ".3f")
+            for s in ("dev", "test")
+            for _, k in TRAFFIC_FIGURES
+        )
+        rows.append((f"{deploy}, verifier {label} traffic-train pairs", TRAFFIC_MODES[2][0], *cells))
     header = ("model", "settings", *(f"{s} {c[0]}" for s in ("dev", "test") for c in TRAFFIC_FIGURES))
     return Table("Traffic ablation: all domains (dev is in-sample for its own settings)", header, tuple(rows))
 

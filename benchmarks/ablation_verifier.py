@@ -1,0 +1,64 @@
+"""Ablation: the verifier trained without the natural traffic train set's pairs.
+
+The pipeline's verifier (``models/verifier``) trains on traffic train's pairs beside the generated
+ones (``verifier.natural_pairs``); this script answers "what did those pairs buy?". It trains a
+verifier with ``verifier.natural_pairs: false`` and nothing else changed (in memory, the stage's own
+code), then replays the deploy model (eval.json's) on the traffic sets with each verifier exactly
+as the ``traffic`` stage does, at settings chosen on traffic dev. Run after ``dvc repro``; writes
+``benchmarks/results/ablation_verifier.json`` (RESULTS.md's traffic ablation cites it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+from _common import at_repo_root, finish
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    at_repo_root()
+    from cachelora import paths
+    from cachelora.base_model import encode_unique
+    from cachelora.evaluation import ALL, BASELINE, model_loaders
+    from cachelora.params import load_params
+    from cachelora.records import read_json
+    from cachelora.traffic import read_traffic_sets
+    from cachelora.traffic_evaluation import WITH_VERIFIER, replay_model
+    from cachelora.verifier import load_verifier, save_verifier, scorer, train_verifier, verifier_dir
+    from cachelora.verify import dir_md5
+
+    params = load_params()
+    deploy = read_json(paths.METRICS_DIR / "eval.json")["deploy"]["model"]
+    without = params.model_copy(update={"verifier": params.verifier.model_copy(update={"natural_pairs": False})})
+    model, info, run, _ = train_verifier(without)
+    print(f"  verifier without natural pairs: {info['pairs']} pairs, {run['wall_time_s']:.0f} s", flush=True)
+    sets = read_traffic_sets(params.domains)
+    texts = sorted({t for by in sets.values() for gs in by.values() for g in gs for t in g.texts})
+    adapters = {deploy: paths.model_dir(deploy)} if deploy != BASELINE else {}
+    vectors = encode_unique(model_loaders(params.base_model, adapters)[deploy](), texts, params.evaluate.batch_size)
+    with tempfile.TemporaryDirectory(prefix="cachelora-ablation-verifier-") as tmp:
+        save_verifier(model, Path(tmp) / "verifier", info, [(texts[0], texts[1])])
+        verifiers = {"with": verifier_dir(), "without": Path(tmp) / "verifier"}
+        result = {"model": deploy, "changed": {"verifier.natural_pairs": [params.verifier.natural_pairs, False]}}
+        for name, folder in verifiers.items():
+            verify = scorer(load_verifier(folder), params.evaluate.batch_size)
+            replay = replay_model(vectors, sets, params, verify, None)
+            result[f"{name}_natural_pairs"] = {"verifier_md5": dir_md5(folder), "traffic": replay}
+    table = [
+        (f"{v} {s} {k}", f"{result[v]['traffic'][WITH_VERIFIER][s][ALL][k]:.3f}")
+        for v in ("with_natural_pairs", "without_natural_pairs")
+        for s in ("dev", "test")
+        for k in ("reask_hit_rate", "near_miss_wrong_hit_rate", "hit_precision")
+    ]
+    finish("ablation_verifier", args.out, result, table)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
