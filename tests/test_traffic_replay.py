@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from cachelora.traffic import NEAR_MISS, ORIGINAL, REASK, AnswerGroup
 from cachelora.traffic_evaluation import EMBEDDING, WITH_VERIFIER, replay_model
@@ -91,3 +92,61 @@ def test_settings_are_chosen_on_dev_and_only_reported_on_test() -> None:
     assert chosen["threshold"] == round(expected, 6)
     assert result[EMBEDDING]["test"]["medical"]["near_miss_wrong_hit_rate"] == 1.0  # reported, not tuned away
     assert WITH_VERIFIER not in result
+
+
+def _write_groups(path, groups: list[AnswerGroup]) -> None:
+    from cachelora.records import write_jsonl
+
+    write_jsonl(
+        path,
+        [
+            {"group_id": g.group_id, "domain": g.domain, "original": g.original, "reasks": list(g.reasks),
+             "near_misses": [{"text": t, "kind": k} for t, k in g.near_misses]}
+            for g in groups
+        ],
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("where", "key"),
+    [
+        ("traffic_train", "test_in_traffic_train"),
+        ("traffic_train_dev", "dev_in_traffic_train"),
+        ("natural_test", "natural_test_in_traffic_train"),
+        ("train", "test_in_train"),
+        ("val", "test_in_val"),
+        ("dev", "test_in_dev"),
+    ],
+)
+def test_traffic_contamination_looks_everywhere_a_text_could_have_been_seen(tmp_path, monkeypatch, where, key):
+    """A traffic text copied into any set that trains (the verifier's traffic train included) or
+    chooses is counted under its own key and fails the stage."""
+    from cachelora import paths
+    from cachelora.errors import CacheloraError
+    from cachelora.records import write_jsonl
+    from cachelora.traffic import traffic_file
+    from cachelora.traffic_evaluation import contamination
+    from tests.conftest import tiny_rows
+
+    monkeypatch.chdir(tmp_path)
+    rows = [dict(r, domain="medical") for r in tiny_rows(12, seed=5)]
+    test_group = AnswerGroup("t1", "medical", "how long is a tattoo sore", ("tattoo pain days",), (("x y z", "n"),))
+    dev_group = AnswerGroup("d1", "medical", "is ibuprofen ok after surgery", ("advil post op",), (("a b c", "n"),))
+    train_group = AnswerGroup("r1", "medical", "can I swim with stitches", ("pool stitches",), (("e f g", "n"),))
+    copied = {"traffic_train_dev": dev_group.reasks[0]}.get(where, test_group.reasks[0])
+    place = {"traffic_train": "traffic_train", "traffic_train_dev": "traffic_train"}.get(where, where)
+    text_row = dict(rows[0], anchor=copied)
+    if place == "traffic_train":
+        train_group = AnswerGroup("r1", "medical", copied, train_group.reasks, train_group.near_misses)
+    write_jsonl(paths.split_file("medical", "train"), [text_row if place == "train" else rows[1]])
+    write_jsonl(paths.split_file("medical", "val"), [text_row if place == "val" else rows[2]])
+    write_jsonl(paths.natural("dev"), [rows[3]])
+    natural_test = [dict(rows[4], anchor=train_group.original) if place == "natural_test" else rows[4]]
+    write_jsonl(paths.natural("test"), natural_test)
+    if place == "dev":
+        dev_group = AnswerGroup("d1", "medical", copied, dev_group.reasks, dev_group.near_misses)
+    _write_groups(traffic_file("train", "medical"), [train_group])
+    sets = {"dev": {"medical": [dev_group]}, "test": {"medical": [test_group]}}
+    params = tiny_params()
+    with pytest.raises(CacheloraError, match=rf"'{key}': 1"):
+        contamination(params, sets)
