@@ -134,6 +134,21 @@ def test_adapter_trained_on_other_base_is_refused(tiny_adapter, tmp_path):
     assert result.exit_code == 1 and "trained on base 'all-MiniLM-L6-v2' (111111111111…)" in result.output
 
 
+@pytest.mark.parametrize(("key", "value"), [("hidden_act", "relu"), ("num_hidden_layers", 3)])
+def test_a_base_whose_config_was_edited_is_not_the_adapters_base(tiny_adapter, tmp_path, key, value):
+    """Same weights, another computation: the adapter is refused (the base's digest covers config.json)."""
+    import shutil
+
+    from cachelora.base_model import resolve_base
+
+    base = shutil.copytree(resolve_base("all-MiniLM-L6-v2"), tmp_path / "base")
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, key: value}))
+    write_jsonl(tmp_path / "mine.jsonl", tiny_rows(10))
+    result = run("--triplets", tmp_path / "mine.jsonl", "--adapter", tiny_adapter, "--base", base)
+    assert result.exit_code == 1 and f"not '{base}'" in result.output and "Traceback" not in result.output
+
+
 def test_too_few_rows_and_copied_texts_are_refused_with_their_lines(tmp_path):
     rows = tiny_rows(10)
     write_jsonl(tmp_path / "one.jsonl", rows[:1])
