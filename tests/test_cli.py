@@ -205,3 +205,13 @@ def test_version_and_a_fast_help():
         check=True,
     )
     assert loaded.stdout.split() == ["False", "False"]  # --help does not wait for the evaluation stack
+
+
+def test_a_nan_id_in_the_triplets_is_refused_with_its_line(tmp_path):
+    rows = tiny_rows(10)
+    write_jsonl(tmp_path / "mine.jsonl", rows)
+    lines = (tmp_path / "mine.jsonl").read_text().splitlines()
+    lines[3] = lines[3].replace('"source_id": ', '"source_id": NaN, "was": ', 1)
+    (tmp_path / "mine.jsonl").write_text("\n".join(lines) + "\n")
+    result = run("--triplets", tmp_path / "mine.jsonl", "--threshold", 0.5)
+    assert result.exit_code == 1 and "mine.jsonl:4: malformed JSON (NaN is not a number JSON allows)" in result.output
