@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -388,9 +389,25 @@ def test_exported_model_matches_base_plus_adapter(pipeline):
     assert diff < 1e-5
 
 
-def test_push_wipe_pull_verify_then_publish_and_fetch(pipeline):
-    import hashlib
+def release_agrees_with_itself(release: Path) -> None:
+    """The exported model is the one the release's eval.json deployed, at its val threshold; its verifier
+    block is the release's traffic.json shipped setting with its figures; RESULTS.md's headline names it;
+    every exported file has the checksum cache_config.json records."""
+    config = json.loads((release / "model/cache_config.json").read_text())
+    evaluated = json.loads((release / "metrics/eval.json").read_text())
+    traffic = json.loads((release / "metrics/traffic.json").read_text())
+    model = evaluated["deploy"]["model"]
+    assert config["model"] == model and config["deploy_choice"] is True
+    assert config["thresholds"]["global"]["threshold"] == evaluated[model]["val"]["all"]["threshold"]
+    assert traffic["shipped"]["model"] == model and config["verifier"]["traffic_test"] == traffic["shipped"]["test"]
+    settings = traffic["shipped"]["settings"]
+    assert config["verifier"]["per_domain"] == {d: s["verifier_threshold"] for d, s in settings.items() if d != "all"}
+    assert f"the shipped cache ({model} + verifier" in (release / "RESULTS.md").read_text()
+    for name, sha in config["checksums"].items():
+        assert hashlib.sha256((release / "model" / name).read_bytes()).hexdigest() == sha, name
 
+
+def test_push_wipe_pull_verify_then_publish_and_fetch(pipeline):
     import boto3
 
     from tests.conftest import S3_DUMMY_CREDENTIALS, LoopbackS3
@@ -425,6 +442,7 @@ def test_push_wipe_pull_verify_then_publish_and_fetch(pipeline):
         expected = {"RESULTS.md", "dvc.lock", "model/cache_config.json", "adapters/merged/adapter_model.safetensors"}
         assert expected <= names
         run(repo, "cachelora", "fetch", "--from", url, "--to", "fetched-by-digest", "--sha256", digest)
+        release_agrees_with_itself(repo / "fetched")
 
         client = boto3.client(
             "s3",
