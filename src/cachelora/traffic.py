@@ -105,10 +105,15 @@ def texts_of(groups: list[AnswerGroup]) -> set[str]:
     return {normalise(t) for g in groups for t in g.texts}
 
 
+def words(text: str) -> set[str]:
+    """A text's distinct lower-case words (runs of letters and digits)."""
+    return set(re.findall(r"[a-z0-9]+", text.lower()))
+
+
 def shared_words(original: str, text: str) -> float:
     """The share of ``original``'s distinct words that ``text`` also holds."""
-    words = set(re.findall(r"[a-z0-9]+", original.lower()))
-    return len(words & set(re.findall(r"[a-z0-9]+", text.lower()))) / max(1, len(words))
+    kept = words(original)
+    return len(kept & words(text)) / max(1, len(kept))
 
 
 def stream(groups: list[AnswerGroup], seed: str) -> list[Lookup]:

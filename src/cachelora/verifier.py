@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from cachelora import paths
 from cachelora.base_model import model_sha256, resolve_base
 from cachelora.params import Params
 from cachelora.records import file_md5
-from cachelora.traffic import TRAIN_SET, AnswerGroup, check_traffic, read_traffic, traffic_file
+from cachelora.traffic import TRAIN_SET, AnswerGroup, check_traffic, read_traffic, traffic_file, words
 from cachelora.triplets import read_triplets
 
 log = logging.getLogger(__name__)
@@ -68,16 +67,17 @@ def group_pairs(groups: list[AnswerGroup]) -> list[tuple[str, str, int]]:
         pairs += [(a, b, 1) for i, a in enumerate(asks) for b in asks[i + 1 :]]
         pairs += [(miss, a, 0) for miss, _ in g.near_misses for a in asks]
     owner = {t: g.group_id for g in groups for t in g.texts}
-    words = {t: set(re.findall(r"[a-z0-9]+", t.lower())) for t in owner}
+    vocabulary = {t: words(t) for t in owner}
     met: set[frozenset[str]] = set()
     for g in groups:
-        for text in g.texts[1:]:
-            others = [t for t in owner if owner[t] != g.group_id]
-            if others:
-                nearest = max(others, key=lambda t: (len(words[text] & words[t]) / len(words[text] | words[t]), t))
-                if frozenset((text, nearest)) not in met:  # two texts each other's nearest: one pair
-                    met.add(frozenset((text, nearest)))
-                    pairs.append((text, nearest, 0))
+        others = [t for t in owner if owner[t] != g.group_id]
+        for text in g.texts[1:] if others else ():
+            mine = vocabulary[text]
+            nearest = max(others, key=lambda t: (len(mine & vocabulary[t]) / len(mine | vocabulary[t]), t))
+            pair = frozenset((text, nearest))
+            if pair not in met:  # two texts each other's nearest: one pair
+                met.add(pair)
+                pairs.append((text, nearest, 0))
     return pairs
 
 
@@ -128,11 +128,12 @@ def train_verifier(params: Params) -> tuple[Any, dict[str, Any], dict[str, Any],
     rows = [row for f in files for row in read_triplets(f)]
     natural: list[tuple[str, str, int]] = []
     if vp.natural_pairs:
-        files += [traffic_file(TRAIN_SET, d) for d in params.domains]
         for d in params.domains:
-            groups = read_traffic(traffic_file(TRAIN_SET, d), d)
-            check_traffic(groups, str(traffic_file(TRAIN_SET, d)), params.traffic.min_groups)
+            path = traffic_file(TRAIN_SET, d)
+            groups = read_traffic(path, d)
+            check_traffic(groups, str(path), params.traffic.min_groups)
             natural += group_pairs(groups)
+            files.append(path)
     pairs = training_pairs(rows, vp.max_pairs, vp.seed, natural)
     model = new_cross_encoder(params)
     loss_fn = BinaryCrossEntropyLoss(model)
