@@ -90,7 +90,7 @@ class Aspect(BaseModel):
         return templates
 
 
-# What makes a near-miss need another answer (DESIGN: re-ask vs near-miss). "number" edits are made by
+# What makes a near-miss need another answer (docs/metrics.md: re-ask vs near-miss). "number" edits are made by
 # rule (a digit run changed), "sibling" edits from the topics' groups; the rest come from the lexicon.
 NearMissKind = Literal["negation", "number", "population", "version", "jurisdiction", "role", "sibling"]
 

@@ -1,4 +1,4 @@
-"""Cache replay: what a semantic cache does with a set of triplets (DESIGN.md, "Metric definitions").
+"""Cache replay: what a semantic cache does with a set of triplets (docs/metrics.md, "Cache replay").
 
 The cache holds every positive and negative of the set, each text once. Each anchor is a lookup
 that takes its nearest cached entry by cosine; it hits when that similarity reaches the

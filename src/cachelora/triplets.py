@@ -38,7 +38,7 @@ def make_record(
     generator: dict[str, Any],
     **provenance: Any,
 ) -> dict[str, Any]:
-    """A triplet record as DESIGN.md describes it; ``id`` is a hash of its texts."""
+    """A triplet record (docs/metrics.md, "Triplet records"); ``id`` is a hash of its texts."""
     return {
         "id": stable_id(domain, anchor, positive, negative),
         "domain": domain,
