@@ -57,7 +57,7 @@ def main() -> None:
     from cachelora.params import load_params
     from cachelora.records import read_json
     from cachelora.traffic import read_traffic_sets
-    from cachelora.traffic_evaluation import WITH_VERIFIER, replay_model
+    from cachelora.traffic_evaluation import WITH_VERIFIER, replay_model, traffic_replays
     from cachelora.verifier import load_verifier, scorer
     from cachelora.verify import dir_md5
 
@@ -82,7 +82,7 @@ def main() -> None:
             vectors = encode_unique(model, texts, params.evaluate.batch_size, desc=f"ablation {name}")
             variants[f"{name}_near_miss_negatives"] = {
                 "adapter_md5": dir_md5(adapter),
-                "traffic": replay_model(vectors, sets, params, verify, None),
+                "traffic": replay_model(traffic_replays(vectors, sets, params, verify), params, verify, None),
                 "natural": natural_quality(model, params),
             }
         result = {

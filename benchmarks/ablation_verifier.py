@@ -29,7 +29,7 @@ def main() -> None:
     from cachelora.params import load_params
     from cachelora.records import read_json
     from cachelora.traffic import read_traffic_sets
-    from cachelora.traffic_evaluation import WITH_VERIFIER, replay_model
+    from cachelora.traffic_evaluation import WITH_VERIFIER, replay_model, traffic_replays
     from cachelora.verifier import load_verifier, save_verifier, scorer, train_verifier, verifier_dir
     from cachelora.verify import dir_md5
 
@@ -48,7 +48,7 @@ def main() -> None:
         result = {"model": deploy, "changed": {"verifier.natural_pairs": [params.verifier.natural_pairs, False]}}
         for name, folder in verifiers.items():
             verify = scorer(load_verifier(folder), params.evaluate.batch_size)
-            replay = replay_model(vectors, sets, params, verify, None)
+            replay = replay_model(traffic_replays(vectors, sets, params, verify), params, verify, None)
             result[f"{name}_natural_pairs"] = {"verifier_md5": dir_md5(folder), "traffic": replay}
     table = [
         (f"{v} {s} {k}", f"{result[v]['traffic'][WITH_VERIFIER][s][ALL][k]:.3f}")

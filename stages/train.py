@@ -12,6 +12,7 @@ from cachelora.entrypoint import user_errors
 from cachelora.params import load_params
 from cachelora.records import write_json
 from cachelora.training import FINAL_LOSS, train_model, training_domains, training_files
+from cachelora.training_log import training_log
 
 
 @click.command()
@@ -28,14 +29,13 @@ def main(name: str) -> None:
         if distill.weight > 0
         else None
     )
-    with distributed.process_group(params.train):
-        trained = train_model(name, params, training_files(name, params), teacher)
+    with distributed.process_group(params.train), training_log(name, write=distributed.is_main()) as log:
+        trained = train_model(name, params, training_files(name, params), teacher, log)
         if distributed.is_main():
             save_adapter(trained.model, paths.model_dir(name), params.base_model, trained.info, trained.probe)
             # The adapter directory holds only what the inputs determine; timings and other run facts go here.
             summary = {key: trained.info[key] for key in ("triplets", "steps", FINAL_LOSS)} | trained.run
             write_json(paths.stage_metrics("train", name), summary)
-            write_json(paths.loss_plot(name), trained.history)
 
 
 if __name__ == "__main__":

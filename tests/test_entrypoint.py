@@ -51,3 +51,23 @@ def test_peft_offline_base_config_notices_are_not_repeated_to_the_user():
         warnings.warn("Could not find a config file in all-MiniLM-L6-v2 - will assume ...", UserWarning, stacklevel=1)
         warnings.warn("something else", UserWarning, stacklevel=1)
     assert [str(w.message) for w in seen] == ["something else"]
+
+
+def test_ctrl_c_is_one_line_naming_the_restore_command_and_leaves_no_temp_file(tmp_path):
+    target = tmp_path / "metrics.json"
+    target.write_text('{"kept": 1}\n')
+
+    @click.command()
+    @user_errors
+    def stage() -> None:
+        from cachelora.records import atomic_path
+
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise KeyboardInterrupt
+
+    result = CliRunner().invoke(stage, [])
+    assert result.exit_code == 130 and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1 and "`dvc checkout`" in result.output
+    assert json.loads(target.read_text()) == {"kept": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]

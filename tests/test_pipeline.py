@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -13,7 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cachelora.headline import count_numbers
+
 REPO = Path(__file__).resolve().parents[1]
+TRAINED = ("medical", "law", "programming", "psychology", "multi", "verifier")  # each with a DVCLive log
 pytestmark = pytest.mark.slow
 
 TINY = {
@@ -39,7 +44,7 @@ TINY = {
 }
 
 
-def run(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+def run(cwd: Path, *args: str, check: bool = True, extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
@@ -48,6 +53,7 @@ def run(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProces
         "TQDM_DISABLE": "1",
         "CACHELORA_LOG_LEVEL": "WARNING",
     }
+    env |= extra or {}
     proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
@@ -218,7 +224,18 @@ def test_full_pipeline_noop_experiment_and_metrics_diff(repo):
     assert "Cost against quality" in (repo / "RESULTS.md").read_text()
     trained = json.loads((repo / "models/multi/training_info.json").read_text())
     assert trained["teacher"] is None  # TINY's distill weight is 0
-    assert json.loads((repo / "metrics/plots/replay/natural_test/merged.json").read_text())[0]["hit_rate"] == 1.0
+    curve = json.loads((repo / "metrics/plots/replay/natural_test.json").read_text())
+    assert {row["model"] for row in curve} == {
+        "baseline",
+        "medical",
+        "law",
+        "programming",
+        "psychology",
+        "multi",
+        "merged",
+        reference,
+    }
+    assert next(row for row in curve if row["model"] == "merged")["hit_rate"] == 1.0  # threshold 0: every lookup hits
 
     again = run(repo, "dvc", "repro")
     assert "Running stage" not in again.stdout
@@ -244,8 +261,55 @@ def test_full_pipeline_noop_experiment_and_metrics_diff(repo):
     run(repo, "dvc", "repro", "-f", "report")  # now the inputs are committed: name that commit
     run(repo, "git", "add", "-A")
     run(repo, "git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "report")
-    changed = diff["metrics/eval.json"]
-    assert any(k.startswith("merged.") and v["diff"] for k, v in changed.items() if isinstance(v.get("diff"), float))
+    assert set(diff) <= {"metrics/headline.json", *(f"metrics/train/{m}/metrics.json" for m in TRAINED)}
+    assert diff["metrics/train/medical/metrics.json"]["loss"]["diff"]  # rank 16 trained another adapter
+    shown = json.loads(run(repo, "dvc", "metrics", "show", "--json").stdout)
+    (workspace,) = shown.values()
+    assert 60 <= count_numbers(workspace["data"]) <= 100  # sized for a person
+    headline = json.loads((repo / "metrics/headline.json").read_text())
+    eval_json = json.loads((repo / "metrics/eval.json").read_text())
+    deploy = eval_json["deploy"]["model"]
+    assert headline["deploy_model"] == deploy
+    for group in ("all", "law"):
+        figures = headline["all"] if group == "all" else headline["domains"][group]
+        for name, model in (("deploy", deploy), ("baseline", "baseline")):  # the figures at the shipped thresholds
+            replay = eval_json[model]["natural_test"][group]["replay"]
+            assert figures["natural_hit_rate"][name] == replay["hit_rate"]
+            assert figures["natural_hit_precision"][name] == replay["hit_precision"]
+
+
+def test_exp_show_recipe_fits_200_columns_and_ctrl_c_is_undone_by_dvc_checkout(pipeline):
+    """README's `dvc exp show` recipe, on two experiments: the headline and the changed params of each
+    within 200 columns, nothing elided; and after DVC removed a stage's outputs (as it does before running
+    the stage, so a Ctrl-C leaves them gone), `dvc checkout` puts them back as dvc.lock records them."""
+    run(pipeline, "git", "add", "-A")
+    run(pipeline, "git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "before experiments")
+    for name, change in (("share20", "traffic.near_miss_share=0.2"), ("share30", "traffic.near_miss_share=0.3")):
+        run(pipeline, "dvc", "exp", "run", "-n", name, "-S", change)
+    run(pipeline, "git", "checkout", "--", "params.yaml")
+    recipe = re.search(r"^dvc exp show .*$", (REPO / "README.md").read_text(), re.MULTILINE)
+    assert recipe, "README gives no `dvc exp show` recipe"
+    table = run(pipeline, *shlex.split(recipe.group(0)), "--no-pager", extra={"COLUMNS": "200"}).stdout
+    lines = [line.rstrip() for line in table.splitlines() if line.strip()]
+    assert max(len(line) for line in lines) <= 200 and "…" not in table, table
+    header = lines[1]
+    for column in (
+        "deploy_model",
+        "all.reask_hit_rate.deploy",
+        "all.near_miss_hit_rate.deploy",
+        "traffic.near_miss_share",
+    ):
+        assert column in header, header
+    assert "lora.rank" not in header  # unchanged params stay out
+    assert "[share20]" in table and "[share30]" in table
+
+    before = locked_md5s(pipeline, "models/")
+    shutil.rmtree(pipeline / "models" / "medical")
+    run(pipeline, "dvc", "checkout")
+    assert (
+        locked_md5s(pipeline, "models/") == before and (pipeline / "models/medical/adapter_model.safetensors").is_file()
+    )
+    assert json.loads(run(pipeline, "dvc", "status", "train@medical", "--json").stdout) == {}
 
 
 def test_invalid_params_fail_before_any_output_is_deleted(pipeline):

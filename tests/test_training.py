@@ -217,7 +217,7 @@ def test_train_stage_keeps_run_facts_out_of_the_adapter(trained, train_file, tmp
     spec.loader.exec_module(stage)
     monkeypatch.setattr(stage, "load_params", tiny_model_params)
     monkeypatch.setattr(stage, "training_files", lambda name, params: [train_file])
-    monkeypatch.setattr(stage, "train_model", lambda name, params, files, teacher: trained)
+    monkeypatch.setattr(stage, "train_model", lambda name, params, files, teacher, step_log: trained)
     monkeypatch.chdir(tmp_path)
     stage.main.main(["--name", "medical"], standalone_mode=False)
     info = json.loads(Path("models/medical/training_info.json").read_text())

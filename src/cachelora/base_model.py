@@ -113,6 +113,14 @@ def model_sha256(name: str) -> str:
     return hashlib.sha256(listing.encode("utf-8")).hexdigest()
 
 
+def use_threads(threads: int) -> None:
+    """Run torch on ``threads`` CPU threads (0: leave torch's default, one per core)."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def pick_device(device: str) -> str:
     """``auto`` means CUDA when present, else CPU; anything else is passed through."""
     if device != "auto":

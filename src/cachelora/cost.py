@@ -8,6 +8,7 @@ compares. Timings vary between runs and machines, so they go to ``metrics/cost.j
 from __future__ import annotations
 
 import logging
+import os
 import statistics
 import time
 from typing import Any
@@ -19,6 +20,20 @@ from cachelora.adapters import merged_for_serving
 log = logging.getLogger(__name__)
 
 BATCH_SIZES = (1, 32)
+
+
+def machine_load() -> dict[str, Any]:
+    """The load average when timings were taken, and whether they can be trusted: a 1-minute load
+    above the CPU count means other work shared the cores (timings then run 2x to 30x slow)."""
+    load = [round(x, 2) for x in os.getloadavg()]
+    cpus = os.cpu_count() or 1
+    return {"loadavg": load, "cpus": cpus, "reliable": load[0] <= cpus}
+
+
+def load_note(load: dict[str, Any]) -> str:
+    """How a cost table's title describes the machine's load during its timings."""
+    where = f"load average {load['loadavg'][0]:.1f} on {load['cpus']} CPUs"
+    return where if load["reliable"] else f"{where}: UNRELIABLE, other work shared the cores"
 
 
 def parameter_count(model: Any) -> int:

@@ -1,4 +1,5 @@
-"""What every command shares: logging set-up, and user errors as one line with exit status 1."""
+"""What every command shares: logging set-up, user errors as one line with exit status 1, and
+Ctrl-C as one line saying how to restore what DVC removed."""
 
 from __future__ import annotations
 
@@ -30,10 +31,18 @@ def configure_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+# DVC removes a stage's outputs before it runs the stage: after Ctrl-C they are gone from the workspace
+# (never from DVC's cache), and `dvc checkout` puts back every output as dvc.lock records it.
+INTERRUPTED = (
+    "interrupted: nothing half-written was kept; if DVC ran this stage, `dvc checkout` restores its outputs"
+    " as dvc.lock records them"
+)
+
+
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Run ``fn`` with logging configured; a CacheloraError prints ``error: ...`` and exits 1, as does
     an OSError (a full disk, a read-only folder), naming its file. Writes are atomic, so such a
-    failure leaves the previous file in place."""
+    failure leaves the previous file in place. Ctrl-C prints how to restore the outputs and exits 130."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -47,5 +56,8 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             where = f"{exc.filename}: " if exc.filename else ""
             print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
             sys.exit(1)
+        except KeyboardInterrupt:
+            print(INTERRUPTED, file=sys.stderr)
+            sys.exit(130)
 
     return wrapper

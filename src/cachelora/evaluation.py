@@ -24,6 +24,7 @@ from sklearn.metrics import (
 
 from cachelora import paths
 from cachelora.errors import CacheloraError
+from cachelora.intervals import Ratio, ci, comparison, group_bootstrap, paired
 from cachelora.params import BASELINE, MERGED, MULTI, Params
 from cachelora.records import read_jsonl_lines, write_json
 from cachelora.replay import GRID, Replay
@@ -37,6 +38,7 @@ CHOSEN_ON = "val"
 # operating point, reported on the natural test set (in-sample on natural dev itself).
 NATURAL_CHOSEN_ON = "natural_dev"
 NATURAL_OP = "replay_natural_op"
+HEADLINE_SET = "natural_test"
 
 
 @dataclass(frozen=True)
@@ -94,20 +96,6 @@ def decision(scores: Scores, threshold: float) -> dict[str, float]:
     }
 
 
-def group_bootstrap(groups: np.ndarray, resamples: int, seed: int) -> np.ndarray:
-    """Weights (resamples x rows): how often each row's group was drawn, drawing whole groups."""
-    names, index = np.unique(groups, return_inverse=True)
-    draws = np.random.default_rng(seed).integers(0, len(names), size=(resamples, len(names)))
-    counts = np.zeros((resamples, len(names)))
-    np.add.at(counts, (np.arange(resamples)[:, None], draws), 1)
-    return counts[:, index]
-
-
-def _ci(samples: np.ndarray) -> tuple[float, float]:
-    low, high = np.nanpercentile(samples, [2.5, 97.5])  # a resample can have a zero baseline margin
-    return round(float(low), 6), round(float(high), 6)
-
-
 def triplet_metrics(scores: Scores, baseline: Scores, resamples: int, seed: int) -> dict[str, Any]:
     """Margins, accuracy and ranking quality of one model on one set, against the baseline on the
     same triplets; intervals from a paired bootstrap that draws whole groups."""
@@ -123,9 +111,9 @@ def triplet_metrics(scores: Scores, baseline: Scores, resamples: int, seed: int)
     base_margin = float(base_margins.mean())
     gain = (float(margins.mean()) - base_margin) / base_margin * 100 if base_margin else float("nan")
     labels, values = scores.labels_and_scores
-    gain_low, gain_high = _ci(gains)
-    delta_low, delta_high = _ci(model_means - base_means)
-    acc_low, acc_high = _ci(weights @ correct / sizes)
+    gain_low, gain_high = ci(gains)
+    delta_low, delta_high = ci(model_means - base_means)
+    acc_low, acc_high = ci(weights @ correct / sizes)
     return {
         "triplets": len(margins),
         "groups": len(np.unique(groups)),
@@ -379,6 +367,7 @@ def pipeline_metrics(params: Params) -> tuple[dict[str, Any], dict[str, dict[str
     result.update(
         models_metrics(scored, ep.target_precision, ep.bootstrap, ep.seed, tuple(ep.reference_models), ep.deploy_on)
     )
+    result["headline"] = natural_headline(scored, result, ep.bootstrap, ep.seed)
     return result, scored
 
 
@@ -413,7 +402,7 @@ def pipeline_cost(params: Params, deploy: str) -> dict[str, Any]:
         name: cost.measure(load(), queries, params.evaluate.cost_repeats)
         for name, load in cost_models(params, deploy).items()
     }
-    return {"queries": len(queries), "deploy": deploy, "models": figures}
+    return {"queries": len(queries), "deploy": deploy, "models": figures, "load": cost.machine_load()}
 
 
 def models_metrics(
@@ -451,8 +440,53 @@ def models_metrics(
     return result
 
 
+def replay_ratios(scored: Scored, threshold: float) -> dict[str, Ratio]:
+    """Natural hit rate and hit precision of one model's replay at ``threshold``, per lookup."""
+    hits = scored.replay.top1 >= threshold
+    return {
+        "natural_hit_rate": Ratio(hits.astype(float), np.ones(len(hits))),
+        "natural_hit_precision": Ratio((hits & scored.replay.correct).astype(float), hits.astype(float)),
+    }
+
+
+def paired_average_precision(ours: Scores, theirs: Scores, resamples: int, seed: int) -> dict[str, Any]:
+    """Pair-view AP of two models on the same triplets, with the paired bootstrap's intervals."""
+    weights = group_bootstrap(ours.groups if ours.groups is not None else np.arange(len(ours.pos)), resamples, seed)
+    samples, values = {}, {}
+    for name, scores in (("model", ours), ("baseline", theirs)):
+        labels, scored = scores.labels_and_scores
+        values[name] = float(average_precision_score(labels, scored))
+        samples[name] = np.array([average_precision_score(labels, scored, sample_weight=np.r_[w, w]) for w in weights])
+    return comparison(values["model"], values["baseline"], samples["model"], samples["baseline"])
+
+
+def natural_headline(
+    scored: dict[str, dict[str, dict[str, Scored]]], result: dict[str, Any], resamples: int, seed: int
+) -> dict[str, Any]:
+    """The deploy model against the baseline on natural test, per group, each at its own val-chosen
+    threshold: hit rate, hit precision and AP with 95 % intervals, and their paired differences."""
+    deploy = result["deploy"]["model"]
+    out: dict[str, Any] = {"model": deploy, "set": HEADLINE_SET}
+    for group, ours in scored[deploy][HEADLINE_SET].items():
+        theirs = scored[BASELINE][HEADLINE_SET][group]
+        at = {name: result[name][HEADLINE_SET][group]["replay"]["threshold"] for name in (deploy, BASELINE)}
+        figures = paired(
+            replay_ratios(ours, at[deploy]),
+            replay_ratios(theirs, at[BASELINE]),
+            ours.scores.groups if ours.scores.groups is not None else np.arange(len(ours.replay.top1)),
+            resamples,
+            seed,
+        )
+        figures["natural_ap"] = paired_average_precision(ours.scores, theirs.scores, resamples, seed)
+        out[group] = figures
+    return out
+
+
 def pipeline_evaluation(params: Params) -> dict[str, Any]:
     """Evaluate the pipeline's models and write eval.json, the plot data and the figures."""
+    from cachelora.base_model import use_threads
+
+    use_threads(params.evaluate.threads)
     result, scored = pipeline_metrics(params)
     write_json(paths.METRICS_DIR / "eval.json", result)
     write_plots(scored, params, result)
@@ -465,31 +499,35 @@ def pipeline_evaluation(params: Params) -> dict[str, Any]:
 
 
 def write_plots(scored: dict[str, dict[str, dict[str, Scored]]], params: Params, result: dict[str, Any]) -> None:
-    """DVC plot data (replay and PR curves) and the PNG figures."""
+    """DVC plot data (one file per question: replay per set, PR per domain, every model in it as a
+    ``model`` column) and the PNG figures."""
     from cachelora import figures
 
-    shown = list(dict.fromkeys([BASELINE, MULTI, MERGED, result["deploy"]["model"]]))
+    references = list(result.get("references", {}))
+    shown = list(dict.fromkeys([BASELINE, MULTI, MERGED, result["deploy"]["model"], *references]))
     replay_curves: dict[str, dict[str, dict[str, list[dict[str, float]]]]] = {}
     for set_name in ("test", "natural_test"):
         replay_curves[set_name] = {}
+        rows = []
         for name in scored:
-            groups = scored[name][set_name]
-            curves = {g: s.replay.curve() for g, s in groups.items()}
-            write_json(
-                paths.METRICS_DIR / "plots" / "replay" / set_name / f"{name}.json",
-                curves[ALL] if ALL in curves else next(iter(curves.values())),
-            )
+            curves = {g: s.replay.curve() for g, s in scored[name][set_name].items()}
+            pooled = curves[ALL] if ALL in curves else next(iter(curves.values()))  # one domain: no ALL
+            rows += [{"model": name, **point} for point in pooled]
             if name in shown:
                 replay_curves[set_name][name] = curves
+        write_json(paths.METRICS_DIR / "plots" / "replay" / f"{set_name}.json", rows)
     pr: dict[str, dict[str, list[float]]] = {}
     for domain in params.domains:
-        roles = {"baseline": BASELINE, "adapter": domain, "multi": MULTI, "merged": MERGED}
-        precision = {role: pr_curve(scored[name]["test"][domain].scores) for role, name in roles.items()}
+        models = [BASELINE, domain, MULTI, MERGED, *references]
+        pr[domain] = {name: pr_curve(scored[name]["test"][domain].scores) for name in models}
         write_json(
             paths.METRICS_DIR / "plots" / "pr" / f"{domain}.json",
-            [{"recall": float(r), **{role: p[i] for role, p in precision.items()}} for i, r in enumerate(GRID)],
+            [
+                {"model": name, "recall": float(r), "precision": curve[i]}
+                for name, curve in pr[domain].items()
+                for i, r in enumerate(GRID)
+            ],
         )
-        pr[domain] = {roles[role]: p for role, p in precision.items()}
     operating = {name: result[name] for name in shown}
     figures.replay_curves(replay_curves, operating, paths.METRICS_DIR / "figures" / "replay.png")
     figures.pr_curves(pr, GRID, paths.METRICS_DIR / "figures" / "pr_curves.png")

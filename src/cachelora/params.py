@@ -111,7 +111,7 @@ class TrainParams(_Strict):
     # fp32 reproduces bit for bit on any x86 CPU; auto (bf16 where the device computes it natively) is faster
     # but bf16 kernels round differently across CPUs (AVX512-BF16 vs AMX), so its adapters differ between them.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
-    threads: int = Field(0, ge=0)
+    threads: int = Field(1, ge=0)  # CPU threads for torch (0 = torch's default): 1 is fastest on a busy machine
     distill: DistillParams = DistillParams()
     # single: one process | ddp: `processes` ranks under torchrun, one global batch (see distributed.py)
     strategy: Literal["single", "ddp"] = "single"
@@ -157,6 +157,7 @@ class EvaluateParams(_Strict):
     # The set whose cross-domain cache hit rate, at that set's own operating point, picks the deploy
     # model (ties: val's hit rate, then the earlier model): natural_dev asks how people type.
     deploy_on: Literal["val", "natural_dev"] = "natural_dev"
+    threads: int = Field(1, ge=0)  # CPU threads for torch in evaluate and traffic (0 = torch's default)
 
 
 class VerifierParams(_Strict):

@@ -46,5 +46,6 @@ def model_dir(name: str) -> Path:
     return MODELS_DIR / name
 
 
-def loss_plot(name: str) -> Path:
-    return METRICS_DIR / "plots" / "loss" / f"{name}.json"
+def train_log(name: str) -> Path:
+    """A training run's DVCLive directory: metrics.json, params.yaml, plots/metrics/{loss,lr}.tsv."""
+    return METRICS_DIR / "train" / name

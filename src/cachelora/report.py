@@ -16,10 +16,12 @@ from typing import Any
 import yaml
 
 from cachelora import paths
+from cachelora.cost import load_note
 from cachelora.errors import CacheloraError
 from cachelora.evaluation import ALL
+from cachelora.headline import HEADLINE_NATURAL, HEADLINE_TRAFFIC, headline
 from cachelora.params import BASELINE, MERGED, MULTI, Params
-from cachelora.records import file_md5, read_json, write_text
+from cachelora.records import file_md5, read_json, write_json, write_text
 
 LOCK = Path("dvc.lock")
 RESULTS = Path("RESULTS.md")
@@ -30,6 +32,7 @@ TRAFFIC = paths.METRICS_DIR / "traffic.json"
 TRAFFIC_COST = paths.METRICS_DIR / "traffic_cost.json"
 ABLATION = Path("benchmarks/results/ablation.json")  # benchmarks/ablation_near_miss.py: no near-miss negatives
 ABLATION_VERIFIER = Path("benchmarks/results/ablation_verifier.json")  # benchmarks/ablation_verifier.py
+HEADLINE_JSON = paths.METRICS_DIR / "headline.json"  # what dvc.yaml declares as metrics
 
 
 # --- citations ---------------------------------------------------------------------------------
@@ -285,7 +288,8 @@ def traffic_cost_table(params: Params) -> Table:
                     )
                 )
     header = ("model", "settings", "embedding ms", "share verified (test)", "lookup ms", "lookup / embedding")
-    return Table("Cost per lookup on traffic test (CPU, batch 1, one run)", header, tuple(rows))
+    load = load_note(read_json(TRAFFIC_COST)["load"])
+    return Table(f"Cost per lookup on traffic test (CPU, batch 1, one run; {load})", header, tuple(rows))
 
 
 def verifier_cost_table() -> Table:
@@ -324,7 +328,10 @@ def cost_table(params: Params) -> Table:
         timing = tuple(Cell(paths.COST, f"models.{m}.{k}", f) for _, k, f in COST_FIGURES)
         rows.append((f"{m} ({role})", *timing, *_columns(m, ALL, COST_COLUMNS)))
     header = ("model", *(c[0] for c in COST_FIGURES), *(c[0] for c in COST_COLUMNS))
-    return Table("Cost against quality: all domains, one cache (CPU timings from one run)", header, tuple(rows))
+    load = load_note(read_json(paths.COST)["load"])
+    return Table(
+        f"Cost against quality: all domains, one cache (CPU timings from one run; {load})", header, tuple(rows)
+    )
 
 
 def model_tables(params: Params) -> list[Table]:
@@ -376,9 +383,79 @@ def training_table(params: Params) -> Table:
     return Table("Training", ("model", "triplets", "steps", "final loss", "triplets/s"), tuple(rows))
 
 
+HEADLINE_LABELS = {
+    "natural_hit_rate": "natural test hit rate",
+    "natural_hit_precision": "natural test hit precision",
+    "natural_ap": "natural test AP",
+    "reask_hit_rate": "traffic test re-ask hit rate (with verifier)",
+    "near_miss_hit_rate": "traffic test near-miss wrong-hit rate (with verifier)",
+    "traffic_hit_precision": "traffic test hit precision (with verifier)",
+}
+
+
+def interval_table(params: Params) -> Table:
+    """The headline figures of the deploy model and the baseline, each at the settings it ships, with
+    95 % intervals and the paired-bootstrap interval of their difference (metrics/headline.json)."""
+    sources = {name: EVAL for name in HEADLINE_NATURAL} | {name: TRAFFIC for name in HEADLINE_TRAFFIC}
+    keys = ("model", "model_ci_low", "model_ci_high", "baseline", "baseline_ci_low", "baseline_ci_high")
+    rows = tuple(
+        (
+            group,
+            HEADLINE_LABELS[name],
+            *(Cell(source, f"headline.{group}.{name}.{k}") for k in keys),
+            *(Cell(source, f"headline.{group}.{name}.{k}", "+.3f") for k in ("diff", "diff_ci_low", "diff_ci_high")),
+        )
+        for group in [ALL, *params.domains]
+        for name, source in sources.items()
+    )
+    header = ("domain", "figure", "deploy", "CI low", "CI high", "baseline", "CI low", "CI high")
+    return Table(
+        "Headline with 95 % intervals: the deploy model against the baseline (paired bootstrap over topics /"
+        " answer groups)",
+        (*header, "deploy - baseline", "CI low", "CI high"),
+        rows,
+    )
+
+
+def previous_headline() -> dict[str, Any] | None:
+    """metrics/headline.json as the last commit holds it (None when it holds none)."""
+    shown = git("show", f"HEAD:{HEADLINE_JSON.as_posix()}")
+    if shown.returncode != 0:
+        return None
+    try:
+        return json.loads(shown.stdout)
+    except json.JSONDecodeError:
+        return None
+
+
+def changes_since(previous: dict[str, Any] | None, current: dict[str, Any]) -> list[str]:
+    """RESULTS.md's comparison with the last commit: each all-domains deploy figure, then and now; a
+    change is beyond noise when the earlier figure lies outside this run's 95 % interval."""
+    lines = ["### Since the last commit (deploy model, all domains)", ""]
+    if previous is None or ALL not in previous:
+        return [*lines, "The last commit holds no `metrics/headline.json` to compare with.", ""]
+    lines += [
+        f"Deploy model then: `{previous.get('deploy_model')}`; now: `{current['deploy_model']}`.",
+        "",
+        "| figure | last commit | now | now, 95 % interval | change |",
+        "|---|---|---|---|---|",
+    ]
+    for name, label in HEADLINE_LABELS.items():
+        now = current[ALL][name]
+        then = previous[ALL].get(name, {}).get("deploy")
+        if then is None:
+            lines.append(f"| {label} | - | {now['deploy']:.3f} | {now['deploy_ci95']} | new |")
+            continue
+        low, high = (float(x) for x in now["deploy_ci95"].strip("[]").split(","))
+        verdict = "none" if then == now["deploy"] else "within noise" if low <= then <= high else "beyond noise"
+        lines.append(f"| {label} | {then:.3f} | {now['deploy']:.3f} | {now['deploy_ci95']} | {verdict} |")
+    return [*lines, "", "A change is beyond noise when the last commit's figure lies outside this run's interval.", ""]
+
+
 def all_tables(params: Params) -> list[Table]:
     return [
         traffic_table(params),
+        interval_table(params),
         traffic_ablation_table(params),
         ablation_natural_table(),
         traffic_cost_table(params),
@@ -444,6 +521,7 @@ def render_results(params: Params) -> str:
     ]
     for table in all_tables(params):
         lines += _markdown(table, cache, locked)
+    lines += changes_since(previous_headline(), read_json(HEADLINE_JSON))
     return "\n".join(lines)
 
 
@@ -466,6 +544,7 @@ def replace_block(text: str, block: str, source: Path = README) -> str:
 
 
 def write_report(params: Params) -> None:
-    """Write RESULTS.md and README's results block."""
+    """Write metrics/headline.json, RESULTS.md and README's results block."""
+    write_json(HEADLINE_JSON, headline(read_json(EVAL), read_json(TRAFFIC), params.domains))
     write_text(RESULTS, render_results(params) + "\n")
     write_text(README, replace_block(README.read_text(encoding="utf-8"), readme_block(params)))

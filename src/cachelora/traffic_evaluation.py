@@ -13,23 +13,26 @@ reference (``benchmarks/ablation_near_miss.py`` replays ``multi`` with and witho
 from __future__ import annotations
 
 import logging
-import os
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import torch
 
 from cachelora import paths
-from cachelora.cost import ms_per_query
+from cachelora.cost import machine_load, ms_per_query
 from cachelora.errors import CacheloraError
 from cachelora.evaluation import ALL, BASELINE, corpus_texts, model_loaders, reference_loaders
-from cachelora.params import Params
+from cachelora.intervals import Ratio, paired
+from cachelora.params import EvaluateParams, Params
 from cachelora.records import read_json, write_json
 from cachelora.splitting import texts_of as triplet_texts
 from cachelora.traffic import (
+    NEAR_MISS,
+    REASK,
     SETS,
     TRAIN_SET,
     AnswerGroup,
@@ -80,12 +83,26 @@ def contamination(params: Params, sets: dict[str, dict[str, list[AnswerGroup]]])
 
 def pooled(outcomes: list[Outcome]) -> Outcome:
     """Every domain's lookups together (each domain replayed in its own partition)."""
-    return Outcome(*(np.concatenate([getattr(o, f) for o in outcomes]) for f in ("kind", "candidate", "hit", "right")))
+    fields = ("kind", "candidate", "hit", "right", "group")
+    return Outcome(*(np.concatenate([getattr(o, f) for o in outcomes]) for f in fields))
+
+
+def traffic_replays(
+    vectors: dict[str, np.ndarray],
+    sets: dict[str, dict[str, list[AnswerGroup]]],
+    params: Params,
+    verifier: Verifier | None,
+) -> dict[str, dict[str, TrafficReplay]]:
+    """One model's replay of each set's domains (each a partition of its own), the stream seeded per set and domain."""
+    seed = params.traffic.seed
+    return {
+        s: {d: TrafficReplay.of(groups, vectors, f"{seed}:{s}:{d}", verifier) for d, groups in by_domain.items()}
+        for s, by_domain in sets.items()
+    }
 
 
 def replay_model(
-    vectors: dict[str, np.ndarray],
-    sets: dict[str, dict[str, list[AnswerGroup]]],
+    replays: dict[str, dict[str, TrafficReplay]],
     params: Params,
     verifier: Verifier | None,
     val_thresholds: dict[str, float] | None,
@@ -95,10 +112,6 @@ def replay_model(
     the val-chosen thresholds it ships today (when given). ``pooled_setting`` also chooses one setting
     for every domain together (``all``: the shipped model's global threshold)."""
     tp, target = params.traffic, params.evaluate.target_precision
-    replays = {
-        s: {d: TrafficReplay.of(groups, vectors, f"{tp.seed}:{s}:{d}", verifier) for d, groups in by_domain.items()}
-        for s, by_domain in sets.items()
-    }
     result: dict[str, Any] = {}
     modes = [EMBEDDING] + ([WITH_VERIFIER] if verifier is not None else [])
     for mode in modes:
@@ -124,6 +137,39 @@ def _at(
         out[s] = {d: figures(o, share) for d, o in outcomes.items()}
         out[s][ALL] = figures(pooled(list(outcomes.values())), share)
     return out
+
+
+def outcome_ratios(outcome: Outcome) -> dict[str, Ratio]:
+    """The headline traffic figures of one replay, per lookup (``figures`` gives their values)."""
+    reask, near = outcome.kind == REASK, outcome.kind == NEAR_MISS
+    return {
+        "reask_hit_rate": Ratio((outcome.right & reask).astype(float), reask.astype(float), empty=0.0),
+        "near_miss_hit_rate": Ratio((outcome.hit & near).astype(float), near.astype(float), empty=0.0),
+        "traffic_hit_precision": Ratio(outcome.right.astype(float), outcome.hit.astype(float)),
+    }
+
+
+def traffic_headline(
+    ours: dict[str, TrafficReplay],
+    our_settings: dict[str, dict[str, Any]],
+    theirs: dict[str, TrafficReplay],
+    their_settings: dict[str, dict[str, Any]],
+    ep: EvaluateParams,
+) -> dict[str, Any]:
+    """The shipped cache against the baseline's (each with the verifier, at its own dev-chosen settings)
+    on one set, per domain and pooled: re-ask hit rate, near-miss wrong-hit rate and hit precision with
+    95 % intervals, and their paired differences (a bootstrap over answer groups)."""
+
+    def run(replays: dict[str, TrafficReplay], settings: dict[str, dict[str, Any]]) -> dict[str, Outcome]:
+        outcomes = {d: r.run(settings[d]["threshold"], settings[d]["verifier_threshold"]) for d, r in replays.items()}
+        outcomes = {d: replace(o, group=np.array([f"{d}:{g}" for g in o.group])) for d, o in outcomes.items()}
+        return {**outcomes, ALL: pooled(list(outcomes.values()))}
+
+    mine, base = run(ours, our_settings), run(theirs, their_settings)
+    return {
+        group: paired(outcome_ratios(o), outcome_ratios(base[group]), o.group, ep.bootstrap, ep.seed)
+        for group, o in mine.items()
+    }
 
 
 def _timed(fn: Callable[[], Any], count: int) -> float:
@@ -167,9 +213,10 @@ def lookup_costs(models: dict[str, Any], embed_ms: dict[str, float], verify_ms: 
 
 def pipeline_traffic(params: Params) -> dict[str, Any]:
     """Check the traffic sets, replay every model on them, and write ``metrics/traffic.json``."""
-    from cachelora.base_model import encode_unique
+    from cachelora.base_model import encode_unique, use_threads
     from cachelora.verifier import load_verifier, scorer
 
+    use_threads(params.evaluate.threads)
     sets = read_traffic_sets(params.domains)
     checked = {
         s: {d: check_traffic(groups, str(traffic_file(s, d)), params.traffic.min_groups) for d, groups in by.items()}
@@ -185,6 +232,7 @@ def pipeline_traffic(params: Params) -> dict[str, Any]:
     texts = sorted({t for by in sets.values() for groups in by.values() for g in groups for t in g.texts})
     timing_queries = [t for by in sets["test"].values() for g in by for t in g.reasks[:1]][:64]
     models: dict[str, Any] = {}
+    replays: dict[str, dict[str, dict[str, TrafficReplay]]] = {}
     embed_ms: dict[str, float] = {}
     for name, load in loaders.items():
         model = load()
@@ -192,7 +240,8 @@ def pipeline_traffic(params: Params) -> dict[str, Any]:
         val = eval_metrics.get(name, {}).get("val")
         thresholds = {d: val[d]["threshold"] for d in [*params.domains, ALL]} if val else None
         log.info("traffic replay: %s", name)
-        models[name] = replay_model(vectors, sets, params, verify, thresholds, pooled_setting=name == deploy)
+        replays[name] = traffic_replays(vectors, sets, params, verify)
+        models[name] = replay_model(replays[name], params, verify, thresholds, pooled_setting=name == deploy)
         embed_ms[name] = ms_per_query(model, timing_queries, batch_size=1, repeats=3)
     shipped = models[deploy][WITH_VERIFIER]
     pairs = [(g.reasks[0], g.original) for groups in sets["test"].values() for g in groups][:64]
@@ -210,11 +259,19 @@ def pipeline_traffic(params: Params) -> dict[str, Any]:
             "chosen_on": "traffic dev: the most re-asks answered at hit precision >= target",
             **{s: shipped[s] for s in SETS},
         },
+        "headline": traffic_headline(
+            replays[deploy]["test"],
+            shipped["settings"],
+            replays[BASELINE]["test"],
+            models[BASELINE][WITH_VERIFIER]["settings"],
+            params.evaluate,
+        )
+        | {"model": deploy, "set": "test"},
     }
     costs = lookup_costs(models, embed_ms, verify_ms[1])
     cost = {
         "threads": torch.get_num_threads(),
-        "loadavg": [round(x, 2) for x in os.getloadavg()],
+        "load": machine_load(),
         "queries": len(timing_queries),
         "verifier_ms_per_pair_batch_1": round(verify_ms[1], 3),
         "verifier_ms_per_pair_batch_32": round(verify_ms[32], 3),

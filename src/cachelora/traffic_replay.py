@@ -26,12 +26,14 @@ VERIFIER_GRID = np.round(np.r_[np.arange(0.1, 0.9, 0.04), 0.9, 0.95, 0.98], 4)
 @dataclass
 class Outcome:
     """Per non-original lookup: its kind, whether its nearest entry reached the embedding threshold
-    (a candidate the verifier is asked about), whether it hit, and whether the hit was right."""
+    (a candidate the verifier is asked about), whether it hit, whether the hit was right, and its
+    answer group (the unit a bootstrap draws)."""
 
     kind: np.ndarray
     candidate: np.ndarray
     hit: np.ndarray
     right: np.ndarray
+    group: np.ndarray
 
 
 @dataclass
@@ -101,7 +103,11 @@ class TrafficReplay:
             if not hit:
                 cached[i] = True
         return Outcome(
-            np.array(kinds), np.array(candidates, dtype=bool), np.array(hits, dtype=bool), np.array(rights, dtype=bool)
+            np.array(kinds),
+            np.array(candidates, dtype=bool),
+            np.array(hits, dtype=bool),
+            np.array(rights, dtype=bool),
+            np.array([lk.group_id for lk in self.lookups[first:]]),
         )
 
 

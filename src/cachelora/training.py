@@ -23,11 +23,12 @@ from tqdm import tqdm
 
 from cachelora import distributed, paths
 from cachelora.adapters import add_lora
-from cachelora.base_model import load_base, model_sha256, pick_device, pick_precision
+from cachelora.base_model import load_base, model_sha256, pick_device, pick_precision, use_threads
 from cachelora.distillation import Distillation
 from cachelora.errors import CacheloraError
 from cachelora.params import MULTI, Params
 from cachelora.records import file_md5
+from cachelora.training_log import TrainingLog
 from cachelora.triplets import TEXT_FIELDS, normalise, read_triplets
 
 log = logging.getLogger(__name__)
@@ -152,10 +153,14 @@ class TrainedAdapter:
 
 
 def train_model(
-    name: str, params: Params, files: list[Path], teacher: dict[str, torch.Tensor] | None = None
+    name: str,
+    params: Params,
+    files: list[Path],
+    teacher: dict[str, torch.Tensor] | None = None,
+    step_log: TrainingLog | None = None,
 ) -> TrainedAdapter:
     """Train one LoRA adapter on the triplets in ``files`` (distilling from ``teacher``'s vectors
-    when given and ``train.distill.weight`` > 0)."""
+    when given and ``train.distill.weight`` > 0), each step's loss and lr to ``step_log`` when given."""
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
     from transformers import get_linear_schedule_with_warmup
 
@@ -165,8 +170,7 @@ def train_model(
     precision = pick_precision(tp.precision, device)
     if precision == "fp16" and device == "cpu":
         raise CacheloraError("params.yaml: train.precision: fp16 needs CUDA; use bf16 or fp32 on CPU")
-    if tp.threads:
-        torch.set_num_threads(tp.threads)
+    use_threads(tp.threads)
     seed_everything(tp.seed)
     model = load_base(params.base_model, device, tp.max_seq_length)
     add_lora(model, params.lora)
@@ -223,6 +227,8 @@ def train_model(
             seen += len(batch) * distributed.world_size()
             value = distributed.global_mean(loss)
             history.append({"step": step, "loss": round(value, 6), "lr": scheduler.get_last_lr()[0]})
+            if step_log is not None:
+                step_log.step(value, scheduler.get_last_lr()[0])
             bar.set_postfix(loss=f"{value:.4f}")
             bar.update()
             if step % 50 == 0 or step == total_steps:
@@ -251,6 +257,8 @@ def train_model(
         "triplets_per_s": round(seen / wall, 3),
         "versions": _versions(),
     }
+    if step_log is not None:
+        step_log.settings({"device": device, "precision": precision, "threads": run["threads"], "steps": total_steps})
     return TrainedAdapter(model, info, run, history, probe=[row["anchor"] for row in rows[:16]])
 
 

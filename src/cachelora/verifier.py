@@ -31,10 +31,11 @@ import torch
 from tqdm import tqdm
 
 from cachelora import paths
-from cachelora.base_model import model_sha256, resolve_base
+from cachelora.base_model import model_sha256, resolve_base, use_threads
 from cachelora.params import Params
 from cachelora.records import file_md5
 from cachelora.traffic import TRAIN_SET, AnswerGroup, check_traffic, read_traffic, traffic_file, words
+from cachelora.training_log import TrainingLog
 from cachelora.triplets import read_triplets
 
 log = logging.getLogger(__name__)
@@ -113,15 +114,17 @@ def new_cross_encoder(params: Params) -> Any:
     )
 
 
-def train_verifier(params: Params) -> tuple[Any, dict[str, Any], dict[str, Any], list[dict[str, float]]]:
+def train_verifier(
+    params: Params, step_log: TrainingLog | None = None
+) -> tuple[Any, dict[str, Any], dict[str, Any], list[dict[str, float]]]:
     """Train the verifier on every domain's train split: the model, the facts its inputs determine
-    (saved beside it), the run's facts (timings: the stage's metrics only) and the loss per step."""
+    (saved beside it), the run's facts (timings: the stage's metrics only) and the loss per step
+    (also to ``step_log`` when given)."""
     from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
     from transformers import get_linear_schedule_with_warmup
 
     vp = params.verifier
-    if params.train.threads:
-        torch.set_num_threads(params.train.threads)
+    use_threads(params.train.threads)
     random.seed(vp.seed)
     torch.manual_seed(vp.seed)
     files = [paths.split_file(d, "train") for d in params.domains]
@@ -159,6 +162,8 @@ def train_verifier(params: Params) -> tuple[Any, dict[str, Any], dict[str, Any],
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             history.append({"step": step, "loss": round(float(loss), 6), "lr": scheduler.get_last_lr()[0]})
+            if step_log is not None:
+                step_log.step(float(loss), scheduler.get_last_lr()[0])
             bar.set_postfix(loss=f"{float(loss):.4f}")
             bar.update()
     model.eval()
@@ -174,6 +179,8 @@ def train_verifier(params: Params) -> tuple[Any, dict[str, Any], dict[str, Any],
         "steps": steps,
     }
     run = {"wall_time_s": round(wall, 3), "pairs_per_s": round(steps * vp.batch_size / wall, 3)}
+    if step_log is not None:
+        step_log.settings({"device": "cpu", "threads": torch.get_num_threads(), "steps": steps, "pairs": len(pairs)})
     return model, info, run, history
 
 

@@ -157,8 +157,10 @@ def check_recompute(params: Params, tolerance: float = RECOMPUTE_TOLERANCE) -> I
     """Re-evaluate the locked adapters on the locked sets; compare with eval.json key by key, both ways."""
     import math
 
+    from cachelora.base_model import use_threads
     from cachelora.evaluation import pipeline_metrics
 
+    use_threads(params.evaluate.threads)
     fresh, _ = pipeline_metrics(params)
     stored, again = dict(_leaves(read_json(EVAL))), dict(_leaves(fresh))
     for key in sorted(stored.keys() - again.keys()):
