@@ -78,7 +78,9 @@ def main() -> None:
         verify = scorer(load_verifier(), params.evaluate.batch_size)
         variants = {}
         for name, adapter in trained.items():
-            model = model_loaders(params.base_model, {args.model: adapter})[args.model]()
+            model = model_loaders(params.base_model, {args.model: adapter}, max_seq_length=params.train.max_seq_length)[
+                args.model
+            ]()
             vectors = encode_unique(model, texts, params.evaluate.batch_size, desc=f"ablation {name}")
             variants[f"{name}_near_miss_negatives"] = {
                 "adapter_md5": dir_md5(adapter),

@@ -41,7 +41,11 @@ def main() -> None:
     sets = read_traffic_sets(params.domains)
     texts = sorted({t for by in sets.values() for gs in by.values() for g in gs for t in g.texts})
     adapters = {deploy: paths.model_dir(deploy)} if deploy != BASELINE else {}
-    vectors = encode_unique(model_loaders(params.base_model, adapters)[deploy](), texts, params.evaluate.batch_size)
+    vectors = encode_unique(
+        model_loaders(params.base_model, adapters, max_seq_length=params.train.max_seq_length)[deploy](),
+        texts,
+        params.evaluate.batch_size,
+    )
     with tempfile.TemporaryDirectory(prefix="cachelora-ablation-verifier-") as tmp:
         save_verifier(model, Path(tmp) / "verifier", info, [(texts[0], texts[1])])
         verifiers = {"with": verifier_dir(), "without": Path(tmp) / "verifier"}

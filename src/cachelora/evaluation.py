@@ -179,12 +179,15 @@ def score_models(
     return scored
 
 
-def model_loaders(base_model: str, adapters: dict[str, Path], device: str = "cpu") -> dict[str, Callable[[], Any]]:
-    """Lazy loaders: ``baseline`` (the base model alone) first, then base + each adapter."""
+def model_loaders(
+    base_model: str, adapters: dict[str, Path], device: str = "cpu", max_seq_length: int | None = None
+) -> dict[str, Callable[[], Any]]:
+    """Lazy loaders: ``baseline`` (the base model alone, truncating at ``max_seq_length``: the window
+    the adapters trained with; None: the model's own) first, then base + each adapter (its own window)."""
     from cachelora.adapters import load_served_model
     from cachelora.base_model import load_base
 
-    loaders: dict[str, Callable[[], Any]] = {BASELINE: partial(load_base, base_model, device)}
+    loaders: dict[str, Callable[[], Any]] = {BASELINE: partial(load_base, base_model, device, max_seq_length)}
     for name, path in adapters.items():
         loaders[name] = partial(load_served_model, path, device)
     return loaders
@@ -353,7 +356,8 @@ def pipeline_metrics(params: Params) -> tuple[dict[str, Any], dict[str, dict[str
 
     ep = params.evaluate
     names = [*params.train_models, MERGED]
-    loaders = model_loaders(params.base_model, {n: paths.model_dir(n) for n in names}, params.train.device)
+    adapters = {n: paths.model_dir(n) for n in names}
+    loaders = model_loaders(params.base_model, adapters, params.train.device, params.train.max_seq_length)
     loaders.update(reference_loaders(params))
     sets = pipeline_sets(params)
     checked = contamination(params, sets)
@@ -383,12 +387,14 @@ def reference_loaders(params: Params) -> dict[str, Callable[[], Any]]:
                 f"params.yaml: evaluate.reference_models: '{name}' is a pipeline model's name or has a '.'"
                 " (metrics keys are dotted)"
             )
-    return {name: partial(load_base, name, params.train.device) for name in params.evaluate.reference_models}
+    window = params.train.max_seq_length
+    return {name: partial(load_base, name, params.train.device, window) for name in params.evaluate.reference_models}
 
 
 def cost_models(params: Params, deploy: str) -> dict[str, Callable[[], Any]]:
     """The models the cost table compares: the baseline, the deploy model and each reference."""
-    loaders = model_loaders(params.base_model, {deploy: paths.model_dir(deploy)} if deploy != BASELINE else {})
+    adapters = {deploy: paths.model_dir(deploy)} if deploy != BASELINE else {}
+    loaders = model_loaders(params.base_model, adapters, max_seq_length=params.train.max_seq_length)
     return {**loaders, **reference_loaders(params)}
 
 

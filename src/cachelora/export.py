@@ -143,8 +143,10 @@ def _load(model_name: str) -> tuple[Any, dict[str, Any], str | None]:
         from cachelora.base_model import load_base, model_sha256
         from cachelora.params import load_params
 
-        base = load_params().base_model
-        return load_base(base), {"name": base, "sha256": model_sha256(base)}, None
+        params = load_params()
+        base = params.base_model
+        model = load_base(base, max_seq_length=params.train.max_seq_length)  # the window evaluate measured
+        return model, {"name": base, "sha256": model_sha256(base)}, None
     adapter = paths.model_dir(model_name)
     info = read_info(adapter)
     model = load_served_model(adapter)

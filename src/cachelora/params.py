@@ -104,7 +104,7 @@ class TrainParams(_Strict):
     epochs: float = Field(2, gt=0)
     max_steps: int = Field(0, ge=0)  # > 0: stop after this many steps (the scale benchmark's fixed budget)
     warmup: float = Field(0.1, ge=0, lt=1)
-    max_seq_length: int = Field(48, ge=8)
+    max_seq_length: int = Field(256, ge=8, le=512)  # one window: training, evaluation, export
     temperature: float = Field(0.05, gt=0)
     seed: int = Field(42, ge=0)
     device: str = "auto"

@@ -225,7 +225,8 @@ def pipeline_traffic(params: Params) -> dict[str, Any]:
     counts = contamination(params, sets)
     eval_metrics = read_json(paths.METRICS_DIR / "eval.json")
     deploy = eval_metrics["deploy"]["model"]
-    loaders = model_loaders(params.base_model, {deploy: paths.model_dir(deploy)} if deploy != BASELINE else {})
+    adapters = {deploy: paths.model_dir(deploy)} if deploy != BASELINE else {}
+    loaders = model_loaders(params.base_model, adapters, max_seq_length=params.train.max_seq_length)
     loaders.update(reference_loaders(params))
     verifier_model = load_verifier()
     verify = scorer(verifier_model, params.evaluate.batch_size)
