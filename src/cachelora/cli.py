@@ -1,4 +1,4 @@
-"""The ``cachelora`` command: every command a person runs (evaluate, verify, export, publish, fetch)."""
+"""The ``cachelora`` command: every command a person runs (evaluate, verify, export, calibrate, publish, fetch)."""
 
 from __future__ import annotations
 
@@ -241,6 +241,46 @@ def export(model_name: str | None, out: Path, force: bool) -> None:
             f"with the verifier ({out}/{config['verifier']['path']}, thresholds per domain in cache_config.json): "
             f"traffic test re-ask hit rate {test['reask_hit_rate']:.3f}, near-miss wrong-hit rate "
             f"{test['near_miss_wrong_hit_rate']:.3f}, hit precision {test['hit_precision']:.3f}"
+        )
+
+
+@main.command()
+@click.argument("log", type=click.Path(path_type=Path))
+@click.option("--export", "out", required=True, type=click.Path(path_type=Path), help="A `cachelora export` directory.")
+@click.option(
+    "--target", type=FiniteFloat(0, 1, low_open=True), default=0.95, show_default=True, help="Hit precision to certify."
+)
+@user_errors
+def calibrate(log: Path, out: Path, target: float) -> None:
+    """Calibrate an export's thresholds on your own labelled traffic (LOG: JSONL or CSV with `query`,
+    `answer_id` or `duplicate_of`, and optional `domain`, in the order your cache saw them): per domain,
+    the lowest threshold whose one-sided 95 % Clopper-Pearson lower bound on hit precision reaches
+    --target. Rewrites the export's cache_config.json, semantic_router.yaml and model card."""
+    from sentence_transformers import SentenceTransformer
+
+    from cachelora.base_model import encode_unique
+    from cachelora.calibration import calibrate_log, read_log
+    from cachelora.export import apply_calibration
+
+    queries = read_log(log)
+    if not (out / "cache_config.json").is_file():
+        raise CacheloraError(f"{out}: no cache_config.json (not a `cachelora export` directory)")
+    vectors = encode_unique(
+        SentenceTransformer(str(out), device="cpu"), [q.text for q in queries], 64, desc="calibrate"
+    )
+    calibration = calibrate_log(queries, vectors, target, source=str(log))
+    apply_calibration(out, calibration, f"labelled traffic {log.name}")
+    pooled = calibration["pooled"]
+    click.echo(
+        f"calibrated {out} on {log}: global threshold {pooled['threshold']:.2f} "
+        f"({pooled['right_hits']}/{pooled['hits']} hits right, precision >= {pooled['precision_lower_bound']:.3f}"
+        " at 95 % confidence)"
+    )
+    for domain, found in calibration["per_domain"].items():
+        note = ", the pooled threshold: too few re-asks to certify alone" if found.get("fallback") else ""
+        click.echo(
+            f"  {domain}: {found['threshold']:.2f} ({found['right_hits']}/{found['hits']}, >= "
+            f"{found['precision_lower_bound']:.3f}{note})"
         )
 
 

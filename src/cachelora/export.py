@@ -39,7 +39,7 @@ def shipped_thresholds(eval_metrics: dict[str, Any], model: str) -> dict[str, An
 
     target = eval_metrics["target_precision"]
     return {
-        "chosen_on": f"val: the lowest threshold whose cache-replay hit precision reaches {target}",
+        "chosen_on": f"the generated val split: the lowest threshold whose cache-replay hit precision reaches {target}",
         "target_precision": target,
         "global": at(ALL),
         "per_domain": {group: at(group) for group in entry["val"] if group != ALL},
@@ -57,11 +57,14 @@ def semantic_router_snippet(model: str, thresholds: dict[str, Any]) -> str:
     ``semantic.similarity_threshold`` (a decision without one gets the router's 0.8: nothing cascades)."""
 
     def measured(entry: dict[str, Any]) -> str:
-        return ", ".join(
+        figures = [
             f"{s} precision {entry[s]['hit_precision']:.3f} hit rate {entry[s]['hit_rate']:.3f}"
             for s in SETS
             if s in entry
-        )
+        ]
+        if "calibration" in entry:
+            figures.append(guarantee(entry["calibration"], thresholds["confidence"]))
+        return ", ".join(figures)
 
     g = thresholds["global"]
     lines = [
@@ -102,6 +105,46 @@ def semantic_router_snippet(model: str, thresholds: dict[str, Any]) -> str:
             f"              similarity_threshold: {entry['threshold']:.4f}",
         ]
     return "\n".join(lines) + "\n"
+
+
+def guarantee(found: dict[str, Any], confidence: float) -> str:
+    """A calibrated threshold's guarantee in words: its counts and the lower bound they certify."""
+    said = (
+        f"{found['right_hits']}/{found['hits']} hits right: precision >= {found['precision_lower_bound']:.3f}"
+        f" at {confidence:.0%} confidence"
+    )
+    return said + (" (too few re-asks here: the pooled threshold)" if found.get("fallback") else "")
+
+
+def calibrated_thresholds(calibration: dict[str, Any], source: str) -> dict[str, Any]:
+    """``cachelora calibrate``'s result in the shape of an export's ``thresholds``."""
+    target, confidence = calibration["target_precision"], calibration["confidence"]
+    return {
+        "chosen_on": f"{source}: the lowest threshold whose one-sided {confidence:.0%} Clopper-Pearson lower bound"
+        f" on hit precision reaches {target}",
+        "target_precision": target,
+        "confidence": confidence,
+        "global": {"threshold": calibration["pooled"]["threshold"], "calibration": calibration["pooled"]},
+        "per_domain": {
+            d: {"threshold": found["threshold"], "calibration": found} for d, found in calibration["per_domain"].items()
+        },
+    }
+
+
+def apply_calibration(out: Path, calibration: dict[str, Any], source: str) -> dict[str, Any]:
+    """Rewrite an export's thresholds (cache_config.json, the router config, the model card) with the
+    calibrated ones; the checksums follow. Each file is replaced atomically."""
+    path = out / CACHE_CONFIG
+    if not path.is_file():
+        raise CacheloraError(f"{path}: not found (is {out} a `cachelora export` directory?)")
+    config = read_json(path)
+    config["thresholds"] = calibrated_thresholds(calibration, source)
+    write_text(out / SEMANTIC_ROUTER_CONFIG, semantic_router_snippet(config["model"], config["thresholds"]))
+    write_text(out / MODEL_CARD, model_card(config))
+    for name in (SEMANTIC_ROUTER_CONFIG, MODEL_CARD):
+        config["checksums"][name] = file_sha256(out / name)
+    write_json(path, config)
+    return config
 
 
 def verifier_settings(
@@ -300,12 +343,15 @@ def _write_export(
 def model_card(config: dict[str, Any]) -> str:
     """The export's README.md: what the model is, how it was chosen, and what it does at the shipped
     settings (every figure from ``cache_config.json``, which it names)."""
-    g = config["thresholds"]["global"]
+    thresholds = config["thresholds"]
+    g = thresholds["global"]
     base = config["base_model"]
     merged = ", LoRA merged into its weights." if config["adapter_sha256"] else "."
     measured = "; ".join(
         f"{s} hit precision {g[s]['hit_precision']:.3f}, hit rate {g[s]['hit_rate']:.3f}" for s in SETS if s in g
     )
+    if "calibration" in g:
+        measured = guarantee(g["calibration"], thresholds["confidence"])
     lines = [
         f"# cachelora export: `{config['model']}`",
         "",
@@ -314,7 +360,7 @@ def model_card(config: dict[str, Any]) -> str:
         f"{config['pooling']} pooling, L2-normalised, {config['dimension']} dimensions, inputs truncated at "
         f"{config['max_seq_length']} tokens; compare by cosine. Every figure below is in `{CACHE_CONFIG}`.",
         "",
-        "## Cache thresholds (chosen on the generated val split)",
+        f"## Cache thresholds (chosen on {thresholds['chosen_on'].split(':')[0]})",
         "",
         f"Global threshold {g['threshold']:.4f}: {measured}. Per domain: `thresholds.per_domain`.",
     ]
