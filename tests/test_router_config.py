@@ -89,3 +89,20 @@ def test_the_validator_rejects_the_deprecated_store(starter: dict, tmp_path: Pat
     fragment["global"]["stores"] = {"semantic_cache": fragment["global"]["stores"]["response_cache"]}
     result = validate(merge(starter, fragment), tmp_path)
     assert result.returncode != 0 and "semantic_cache" in result.stdout + result.stderr
+
+
+def test_a_calibrated_fragment_validates_too(starter: dict, tmp_path: Path) -> None:
+    """`cachelora calibrate`'s thresholds (each with its guarantee in a comment) in the same schema."""
+    from cachelora.export import calibrated_thresholds
+
+    found = {"threshold": 0.81, "right_hits": 70, "hits": 70, "precision_lower_bound": 0.958, "certified": True}
+    calibration = {
+        "target_precision": 0.95,
+        "confidence": 0.95,
+        "pooled": found,
+        "per_domain": {"medical": found, "law": {**found, "certified": False, "fallback": "pooled"}},
+    }
+    snippet = semantic_router_snippet("multi", calibrated_thresholds(calibration, "labelled traffic log.jsonl"))
+    assert "70/70 hits right: precision >= 0.958 at 95% confidence" in snippet and "the pooled threshold" in snippet
+    result = validate(merge(starter, yaml.safe_load(snippet)), tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr

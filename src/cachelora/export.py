@@ -360,7 +360,7 @@ def model_card(config: dict[str, Any]) -> str:
         f"{config['pooling']} pooling, L2-normalised, {config['dimension']} dimensions, inputs truncated at "
         f"{config['max_seq_length']} tokens; compare by cosine. Every figure below is in `{CACHE_CONFIG}`.",
         "",
-        f"## Cache thresholds (chosen on {thresholds['chosen_on'].split(':')[0]})",
+        f"## Cache thresholds (chosen on {thresholds.get('chosen_on', 'the generated val split').split(':')[0]})",
         "",
         f"Global threshold {g['threshold']:.4f}: {measured}. Per domain: `thresholds.per_domain`.",
     ]
