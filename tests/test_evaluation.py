@@ -6,6 +6,7 @@ from cachelora.evaluation import (
     ALL,
     Scored,
     Scores,
+    calibrated_thresholds,
     decision,
     group_bootstrap,
     max_f1_threshold,
@@ -186,7 +187,10 @@ def test_deploy_on_natural_dev_picks_the_best_natural_dev_hit_rate_and_never_rea
     assert [on_val[m]["natural_dev"][ALL]["replay_natural_op"]["hit_rate"] for m in models] == [0.0, 0.75]
     assert on_val["deploy"]["model"] == "baseline" and on_val["deploy"]["chosen_on"] == "val"
     assert on_natural["deploy"]["model"] == "multi" and on_natural["deploy"]["chosen_on"] == "natural_dev"
-    assert on_natural["deploy"]["threshold"] == on_natural["multi"]["val"][ALL]["threshold"]  # shipped: val's
+    # Shipped: natural dev's calibrated threshold (4 lookups certify nothing: above every lookup, nothing hits)
+    assert on_natural["deploy"]["threshold"] == on_natural["multi"]["calibrated"][ALL]["threshold"] > 0.9
+    assert not on_natural["deploy"]["guarantee"][ALL]["certified"]
+    assert on_natural["deploy"]["natural_dev"]["hit_rate"] == 0.0
     # Test sets that favour the other model change nothing.
     for name, top1 in (("baseline", [0.99] * 4), ("multi", [0.0] * 4)):
         for set_name in ("test", "natural_test"):
@@ -266,3 +270,13 @@ def test_natural_test_sharing_a_text_with_what_trains_or_chooses_is_refused(tmp_
     write_jsonl(paths.split_file("medical", "train"), [rows[8]])
     if source != "corpus":
         assert set(contamination(params, sets).values()) == {0}
+
+
+def test_a_domain_that_cannot_certify_takes_the_pooled_threshold_and_says_so():
+    def scored(n: int) -> Scored:
+        return Scored(Scores(np.zeros(n), np.zeros(n)), Replay(np.linspace(0.95, 0.6, n), np.ones(n, dtype=bool)))
+
+    found = calibrated_thresholds({"medical": scored(80), "law": scored(20), "all": scored(100)}, 0.95)
+    assert found["medical"]["certified"] and found["all"]["certified"] and not found["law"]["certified"]
+    assert found["law"]["threshold"] == found["all"]["threshold"] and found["law"]["fallback"] == "all"
+    assert found["law"]["hits"] == 20  # law's own counts at the pooled threshold

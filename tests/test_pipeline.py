@@ -208,9 +208,9 @@ def test_full_pipeline_noop_experiment_and_metrics_diff(repo):
         "natural_test_in_natural_dev": 0,
     }
     deploy = metrics["deploy"]
-    assert deploy["threshold"] == metrics[deploy["model"]]["val"]["all"]["threshold"]
+    assert deploy["threshold"] == metrics[deploy["model"]]["calibrated"]["all"]["threshold"]
     assert deploy["natural_test"] == {
-        k: metrics[deploy["model"]]["natural_test"]["all"]["replay"][k]
+        k: metrics[deploy["model"]]["natural_test"]["all"]["replay_calibrated"][k]
         for k in ("threshold", "hit_rate", "hit_precision", "false_hit_rate")
     }
     for figure in ("margin_gain", "replay", "pr_curves", "cost_quality"):
@@ -273,7 +273,7 @@ def test_full_pipeline_noop_experiment_and_metrics_diff(repo):
     for group in ("all", "law"):
         figures = headline["all"] if group == "all" else headline["domains"][group]
         for name, model in (("deploy", deploy), ("baseline", "baseline")):  # the figures at the shipped thresholds
-            replay = eval_json[model]["natural_test"][group]["replay"]
+            replay = eval_json[model]["natural_test"][group]["replay_calibrated"]
             assert figures["natural_hit_rate"][name] == replay["hit_rate"]
             assert figures["natural_hit_precision"][name] == replay["hit_precision"]
 
@@ -414,10 +414,13 @@ def test_exported_model_matches_base_plus_adapter(pipeline):
     config = json.loads((repo / "exported/cache_config.json").read_text())
     assert config["dimension"] == 384 and config["normalize"] and config["pooling"] == "mean"
     metrics = json.loads((repo / "metrics/eval.json").read_text())
-    shipped = config["thresholds"]["global"]
-    assert shipped["threshold"] == metrics["merged"]["val"]["all"]["threshold"]
-    assert shipped["test"]["hit_precision"] == metrics["merged"]["test"]["all"]["replay"]["hit_precision"]
-    assert config["thresholds"]["per_domain"]["law"]["threshold"] == metrics["merged"]["val"]["law"]["threshold"]
+    shipped = config["thresholds"]["global"]  # calibrated on natural dev, with the guarantee and its figures
+    calibrated = metrics["merged"]["calibrated"]
+    assert shipped["threshold"] == calibrated["all"]["threshold"] and shipped["guarantee"] == calibrated["all"]
+    assert shipped["natural_test"]["hit_precision"] == metrics["merged"]["natural_test"]["all"]["replay_calibrated"][
+        "hit_precision"
+    ]
+    assert config["thresholds"]["per_domain"]["law"]["threshold"] == calibrated["law"]["threshold"]
     assert {"model.safetensors", "config.json", "tokenizer.json", "semantic_router.yaml"} <= set(config["checksums"])
     router = yaml.safe_load((repo / "exported/semantic_router.yaml").read_text())
     assert router["global"]["stores"]["response_cache"]["similarity_threshold"] == round(shipped["threshold"], 4)

@@ -59,3 +59,19 @@ def test_ties_enter_together():
 def test_unreachable_target_hits_nothing():
     replay = Replay(np.array([0.9, 0.8]), np.array([False, False]))
     assert replay.at(replay.operating_point(0.95))["hit_rate"] == 0.0
+
+
+def test_the_certified_threshold_needs_the_bound_not_the_point_precision():
+    """70 right hits above 0.8, then 30 more lookups with 1 wrong: the point precision at 0.5 is 0.99,
+    but only where the Clopper-Pearson bound reaches 0.95 is certified (59 right hits at least)."""
+    top1 = np.r_[np.linspace(0.95, 0.81, 70), np.linspace(0.79, 0.5, 30)]
+    correct = np.ones(100, dtype=bool)
+    correct[75] = False
+    replay = Replay(top1, correct)
+    found = replay.certified_threshold(0.95)
+    assert found["certified"] and found["precision_lower_bound"] >= 0.95
+    assert found["hits"] >= 59 and found["threshold"] == pytest.approx(top1[found["hits"] - 1])
+    assert replay.operating_point(0.95) < found["threshold"] or found["threshold"] == top1.min()
+    few = Replay(top1[:40], correct[:40])  # 40 right hits cannot certify 0.95
+    assert not few.certified_threshold(0.95)["certified"] and few.certified_threshold(0.95)["threshold"] > top1.max()
+    assert replay.counts(0.8) == (70, 70)

@@ -225,7 +225,8 @@ def verify(pull: bool, recompute: bool) -> None:
 @user_errors
 def export(model_name: str | None, out: Path, force: bool) -> None:
     """A standalone sentence-transformers directory (LoRA merged in) with cache_config.json and a
-    semantic-router config snippet, both carrying the val-chosen thresholds and their measured figures."""
+    semantic-router config snippet, both carrying the shipped thresholds (calibrated on natural dev) and
+    their measured figures."""
     from cachelora.export import export_model
 
     config = export_model(model_name, out, force=force)

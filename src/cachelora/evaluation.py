@@ -1,7 +1,9 @@
-"""Honest metrics for triplets: cache replay at a val-chosen operating point, ranking quality, margins.
+"""Honest metrics for triplets: cache replay at chosen thresholds, ranking quality, margins.
 
-Thresholds are chosen on one set (val) and reported on others (test, the natural test set); a
-threshold chosen on the set it is reported on is marked ``in_sample``. Confidence intervals come
+Thresholds are chosen on one set and reported on others, never on a test set: each model's operating
+point on val, and the thresholds it ships, calibrated on the natural dev set (the lowest whose
+one-sided 95 % Clopper-Pearson lower bound on hit precision reaches the target). A threshold chosen
+on the set it is reported on is marked ``in_sample``. Confidence intervals come
 from a paired bootstrap over whole groups (topics), the unit the split keeps apart.
 """
 
@@ -23,6 +25,7 @@ from sklearn.metrics import (
 )
 
 from cachelora import paths
+from cachelora.calibration import precision_lower_bound
 from cachelora.errors import CacheloraError
 from cachelora.intervals import Ratio, ci, comparison, group_bootstrap, paired
 from cachelora.params import BASELINE, MERGED, MULTI, Params
@@ -38,6 +41,10 @@ CHOSEN_ON = "val"
 # operating point, reported on the natural test set (in-sample on natural dev itself).
 NATURAL_CHOSEN_ON = "natural_dev"
 NATURAL_OP = "replay_natural_op"
+# The thresholds a cache ships: per domain the lowest natural-dev threshold whose one-sided 95 %
+# Clopper-Pearson lower bound on hit precision reaches the target (else the pooled one), and every
+# set's replay at exactly those.
+CALIBRATED = "replay_calibrated"
 HEADLINE_SET = "natural_test"
 
 
@@ -210,10 +217,12 @@ def report_set(
     in_sample: bool = False,
     natural: dict[str, dict[str, float]] | None = None,
     natural_in_sample: bool = False,
+    calibrated: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Every metric of one model on one set's groups, at the given thresholds (a group without
     thresholds of its own takes ``all``'s); with ``natural`` (operating points chosen on the natural
-    dev set), natural sets also get the replay at those (``replay_natural_op``)."""
+    dev set), natural sets also get the replay at those (``replay_natural_op``); with ``calibrated``
+    (the shipped thresholds), the replay at those (``replay_calibrated``, in-sample on natural dev)."""
     result: dict[str, Any] = {}
     for group, s in model.items():
         chosen = thresholds.get(group) or thresholds[ALL]
@@ -224,6 +233,9 @@ def report_set(
         }
         if natural is not None:
             result[group][NATURAL_OP] = {**s.replay.at(natural[group]["replay"]), "in_sample": int(natural_in_sample)}
+        if calibrated is not None:
+            at = s.replay.at((calibrated.get(group) or calibrated[ALL])["threshold"])
+            result[group][CALIBRATED] = {**at, "in_sample": int(natural_in_sample)}
     domains = {g: m for g, m in result.items() if g != ALL}
     if len(domains) > 1:
         result["macro"] = macro(domains, MACRO_KEYS)
@@ -312,10 +324,37 @@ def corpus_texts(params: Params) -> set[str]:
     return {normalise(t) for o in originals for t in (o.query, *o.paraphrases, *o.negatives)}
 
 
+def calibrated_thresholds(natural_dev: dict[str, Scored], target_precision: float) -> dict[str, dict[str, Any]]:
+    """Per group of natural dev: the lowest threshold whose one-sided 95 % Clopper-Pearson lower bound
+    on cache-replay hit precision reaches ``target_precision``, with its counts and bound. A domain
+    that cannot certify it alone takes ``all``'s threshold (``fallback``: its own counts there)."""
+    found = {g: s.replay.certified_threshold(target_precision) for g, s in natural_dev.items()}
+    pooled = found.get(ALL)
+    for group, entry in found.items():
+        if group == ALL or entry["certified"] or pooled is None:
+            continue
+        right, hits = natural_dev[group].replay.counts(pooled["threshold"])
+        found[group] = {
+            "threshold": pooled["threshold"],
+            "right_hits": right,
+            "hits": hits,
+            "precision_lower_bound": round(precision_lower_bound(right, hits), 6),
+            "certified": False,
+            "fallback": ALL,
+        }
+    return found
+
+
 def replay_entry(model: dict[str, Any], set_name: str, group: str) -> dict[str, Any]:
     """A model's replay figures on one set and group of eval.json (val holds replay figures only)."""
     entry = model[set_name][group]
     return entry if set_name == CHOSEN_ON else entry["replay"]
+
+
+def shipped_entry(model: dict[str, Any], set_name: str, group: str) -> dict[str, Any]:
+    """A model's replay on a reported set at the thresholds it ships (calibrated, else val's)."""
+    entry = model[set_name][group]
+    return entry[CALIBRATED] if CALIBRATED in entry else entry["replay"]
 
 
 def own_point_hit_rate(entry: dict[str, Any], set_name: str) -> float:
@@ -323,10 +362,13 @@ def own_point_hit_rate(entry: dict[str, Any], set_name: str) -> float:
     return entry[CHOSEN_ON][ALL]["hit_rate"] if set_name == CHOSEN_ON else entry[set_name][ALL][NATURAL_OP]["hit_rate"]
 
 
-def choose_deploy(result: dict[str, Any], models: list[str], deploy_on: str = CHOSEN_ON) -> dict[str, Any]:
+def choose_deploy(
+    result: dict[str, Any], models: list[str], deploy_on: str = CHOSEN_ON, target_precision: float = 0.95
+) -> dict[str, Any]:
     """The model with the best cross-domain cache hit rate on ``deploy_on`` at that set's own operating
-    point (ties: val's, then the earlier model), with its val thresholds and the figures measured at
-    exactly those thresholds."""
+    point (ties: val's, then the earlier model), with the thresholds it ships and the figures measured
+    at exactly those thresholds. It ships its natural-dev calibrated thresholds (a Clopper-Pearson
+    bound on hit precision: ``guarantee``) where the natural dev set was scored, else its val ones."""
 
     def rank(m: str) -> tuple[float, float, int]:
         return own_point_hit_rate(result[m], deploy_on), own_point_hit_rate(result[m], CHOSEN_ON), -models.index(m)
@@ -334,17 +376,36 @@ def choose_deploy(result: dict[str, Any], models: list[str], deploy_on: str = CH
     best = max(models, key=rank)
     entry = result[best]
     figures = ("threshold", "hit_rate", "hit_precision", "false_hit_rate")
-    sets = [name for name in (CHOSEN_ON, *REPORTED_SETS) if name in entry]
-
-    def at(set_name: str, group: str) -> dict[str, Any]:
-        return {k: replay_entry(entry, set_name, group)[k] for k in figures}
-
     domains = [g for g in entry[CHOSEN_ON] if g != ALL]
+    calibrated = entry.get("calibrated")
+    if calibrated:
+        sets = [name for name in REPORTED_SETS if name in entry]
+
+        def at(set_name: str, group: str) -> dict[str, Any]:
+            return {k: entry[set_name][group][CALIBRATED][k] for k in figures}
+
+        shipped = {
+            "thresholds_chosen_on": f"{NATURAL_CHOSEN_ON}: the lowest threshold whose one-sided 95 % Clopper-Pearson"
+            f" lower bound on hit precision reaches {target_precision} (a domain that cannot certify it: all's)",
+            "threshold": calibrated[ALL]["threshold"],
+            "per_domain_thresholds": {d: calibrated[d]["threshold"] for d in domains},
+            "guarantee": calibrated,
+        }
+    else:
+        sets = [name for name in (CHOSEN_ON, *REPORTED_SETS) if name in entry]
+
+        def at(set_name: str, group: str) -> dict[str, Any]:
+            return {k: replay_entry(entry, set_name, group)[k] for k in figures}
+
+        shipped = {
+            "thresholds_chosen_on": f"{CHOSEN_ON}: the lowest threshold whose hit precision reaches {target_precision}",
+            "threshold": entry[CHOSEN_ON][ALL]["threshold"],
+            "per_domain_thresholds": {d: entry[CHOSEN_ON][d]["threshold"] for d in domains},
+        }
     return {
         "model": best,
         "chosen_on": deploy_on,
-        "threshold": entry[CHOSEN_ON][ALL]["threshold"],
-        "per_domain_thresholds": {d: entry[CHOSEN_ON][d]["threshold"] for d in domains},
+        **shipped,
         **{name: at(name, ALL) for name in sets},
         "per_domain": {d: {name: at(name, d) for name in sets if d in entry[name]} for d in domains},
     }
@@ -426,7 +487,11 @@ def models_metrics(
     for name, by_set in scored.items():
         chosen = operating_points(by_set[CHOSEN_ON], target_precision)
         natural = operating_points(by_set[NATURAL_CHOSEN_ON], target_precision) if NATURAL_CHOSEN_ON in by_set else None
+        calibrated = (
+            calibrated_thresholds(by_set[NATURAL_CHOSEN_ON], target_precision) if NATURAL_CHOSEN_ON in by_set else None
+        )
         result[name] = {
+            "calibrated": calibrated,
             CHOSEN_ON: {g: s.replay.at(chosen[g]["replay"]) for g, s in by_set[CHOSEN_ON].items()},
             **{
                 set_name: report_set(
@@ -437,12 +502,14 @@ def models_metrics(
                     seed,
                     natural=natural if set_name.startswith("natural_") else None,
                     natural_in_sample=set_name == NATURAL_CHOSEN_ON,
+                    calibrated=calibrated,
                 )
                 for set_name in REPORTED_SETS
                 if set_name in by_set
             },
         }
-    result["deploy"] = choose_deploy(result, [name for name in scored if name not in references], deploy_on)
+    candidates = [name for name in scored if name not in references]
+    result["deploy"] = choose_deploy(result, candidates, deploy_on, target_precision)
     return result
 
 
@@ -469,13 +536,13 @@ def paired_average_precision(ours: Scores, theirs: Scores, resamples: int, seed:
 def natural_headline(
     scored: dict[str, dict[str, dict[str, Scored]]], result: dict[str, Any], resamples: int, seed: int
 ) -> dict[str, Any]:
-    """The deploy model against the baseline on natural test, per group, each at its own val-chosen
-    threshold: hit rate, hit precision and AP with 95 % intervals, and their paired differences."""
+    """The deploy model against the baseline on natural test, per group, each at the thresholds it
+    ships: hit rate, hit precision and AP with 95 % intervals, and their paired differences."""
     deploy = result["deploy"]["model"]
     out: dict[str, Any] = {"model": deploy, "set": HEADLINE_SET}
     for group, ours in scored[deploy][HEADLINE_SET].items():
         theirs = scored[BASELINE][HEADLINE_SET][group]
-        at = {name: result[name][HEADLINE_SET][group]["replay"]["threshold"] for name in (deploy, BASELINE)}
+        at = {name: shipped_entry(result[name], HEADLINE_SET, group)["threshold"] for name in (deploy, BASELINE)}
         figures = paired(
             replay_ratios(ours, at[deploy]),
             replay_ratios(theirs, at[BASELINE]),

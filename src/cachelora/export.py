@@ -22,25 +22,40 @@ SEMANTIC_ROUTER_CONFIG = "semantic_router.yaml"
 VERIFIER_DIR = "verifier"  # the verifier's folder inside an export
 FIGURES = ("hit_rate", "hit_precision", "false_hit_rate")
 SETS = ("val", "test", "natural_test")
+CALIBRATED_SETS = ("test", "natural_dev", "natural_test")  # natural dev: where they were calibrated (in-sample)
 
 
 def shipped_thresholds(eval_metrics: dict[str, Any], model: str) -> dict[str, Any]:
-    """The model's val-chosen operating points (global and per domain) with the cache-replay figures
-    measured at exactly those thresholds on val, the generated test split and the natural test set."""
-    from cachelora.evaluation import ALL, replay_entry
+    """The thresholds the model ships (global and per domain) with the cache-replay figures measured at
+    exactly those thresholds: its natural-dev calibrated ones, each with its guarantee (a one-sided 95 %
+    Clopper-Pearson lower bound on hit precision) and the figures on the generated test split, natural
+    dev (in-sample) and natural test; or, where natural dev was not scored, its val operating points."""
+    from cachelora.evaluation import ALL, CALIBRATED, replay_entry
 
     entry = eval_metrics.get(model)
     if not isinstance(entry, dict) or ALL not in entry.get("val", {}):
         raise CacheloraError(f"{paths.METRICS_DIR / 'eval.json'}: no metrics for model '{model}'")
+    target = eval_metrics["target_precision"]
+    calibrated = entry.get("calibrated")
 
     def at(group: str) -> dict[str, Any]:
+        if calibrated:
+            sets = [s for s in CALIBRATED_SETS if group in entry.get(s, {})]
+            figures = {s: {k: entry[s][group][CALIBRATED][k] for k in FIGURES} for s in sets}
+            return {"threshold": calibrated[group]["threshold"], "guarantee": calibrated[group], **figures}
         figures = {s: {k: replay_entry(entry, s, group)[k] for k in FIGURES} for s in SETS if group in entry[s]}
         return {"threshold": entry["val"][group]["threshold"], **figures}
 
-    target = eval_metrics["target_precision"]
+    chosen_on = (
+        f"natural dev: the lowest threshold whose one-sided 95 % Clopper-Pearson lower bound on hit precision"
+        f" reaches {target} (a domain that cannot certify it alone: the pooled threshold)"
+        if calibrated
+        else f"the generated val split: the lowest threshold whose cache-replay hit precision reaches {target}"
+    )
     return {
-        "chosen_on": f"the generated val split: the lowest threshold whose cache-replay hit precision reaches {target}",
+        "chosen_on": chosen_on,
         "target_precision": target,
+        "confidence": 0.95,
         "global": at(ALL),
         "per_domain": {group: at(group) for group in entry["val"] if group != ALL},
     }
@@ -59,11 +74,12 @@ def semantic_router_snippet(model: str, thresholds: dict[str, Any]) -> str:
     def measured(entry: dict[str, Any]) -> str:
         figures = [
             f"{s} precision {entry[s]['hit_precision']:.3f} hit rate {entry[s]['hit_rate']:.3f}"
-            for s in SETS
-            if s in entry
+            for s in dict.fromkeys((*SETS, *CALIBRATED_SETS))
+            if s in entry and s != "natural_dev"
         ]
-        if "calibration" in entry:
-            figures.append(guarantee(entry["calibration"], thresholds["confidence"]))
+        for key in ("calibration", "guarantee"):
+            if key in entry:
+                figures.append(guarantee(entry[key], thresholds["confidence"]))
         return ", ".join(figures)
 
     g = thresholds["global"]
@@ -113,7 +129,9 @@ def guarantee(found: dict[str, Any], confidence: float) -> str:
         f"{found['right_hits']}/{found['hits']} hits right: precision >= {found['precision_lower_bound']:.3f}"
         f" at {confidence:.0%} confidence"
     )
-    return said + (" (too few re-asks here: the pooled threshold)" if found.get("fallback") else "")
+    if not found.get("certified") and not found.get("fallback"):
+        return said + " (NOT certified: the target is not met here)"
+    return said + (" (too few here to certify alone: the pooled threshold)" if found.get("fallback") else "")
 
 
 def calibrated_thresholds(calibration: dict[str, Any], source: str) -> dict[str, Any]:
@@ -350,8 +368,13 @@ def model_card(config: dict[str, Any]) -> str:
     measured = "; ".join(
         f"{s} hit precision {g[s]['hit_precision']:.3f}, hit rate {g[s]['hit_rate']:.3f}" for s in SETS if s in g
     )
-    if "calibration" in g:
-        measured = guarantee(g["calibration"], thresholds["confidence"])
+    for key in ("calibration", "guarantee"):
+        if key in g:
+            measured = (
+                f"{measured}; {guarantee(g[key], thresholds['confidence'])}"
+                if measured
+                else guarantee(g[key], thresholds["confidence"])
+            )
     lines = [
         f"# cachelora export: `{config['model']}`",
         "",

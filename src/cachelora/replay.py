@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from cachelora.calibration import CONFIDENCE, certify
+
 GRID = np.round(np.linspace(0.0, 1.0, 101), 4)
 
 
@@ -69,6 +71,25 @@ class Replay:
         if ok.size:
             return float(sims[ok[-1]])
         return float(np.nextafter(sims[0], np.inf)) if sims.size else 1.0
+
+    def counts(self, threshold: float) -> tuple[int, int]:
+        """(right hits, hits) at ``threshold``."""
+        hits = self.top1 >= threshold
+        return int((hits & self.correct).sum()), int(hits.sum())
+
+    def certified_threshold(self, target_precision: float, confidence: float = CONFIDENCE) -> dict[str, Any]:
+        """The lowest threshold whose one-sided Clopper-Pearson lower bound on hit precision reaches
+        ``target_precision`` (at ``confidence``), with its right hits, hits and bound; when none does,
+        a threshold above every lookup (nothing hits) and ``certified`` False."""
+        order = np.argsort(-self.top1, kind="stable")
+        sims, right = self.top1[order], np.cumsum(self.correct[order])
+        last_of_tie = np.r_[sims[1:] != sims[:-1], True]  # a threshold admits every tied lookup at once
+        points = {float(sims[i]): (int(right[i]), i + 1) for i in np.flatnonzero(last_of_tie)}
+        found = certify(points, target_precision, confidence) if points else {"certified": False}
+        if not found["certified"]:
+            above = float(np.nextafter(sims[0], np.inf)) if sims.size else 1.0
+            return {"threshold": above, "right_hits": 0, "hits": 0, "precision_lower_bound": 0.0, "certified": False}
+        return found
 
     def curve(self, grid: np.ndarray = GRID) -> list[dict[str, float]]:
         """hit_rate and hit_precision at each threshold of a fixed grid (the plots)."""

@@ -3,8 +3,8 @@ verifier, at settings chosen on traffic dev (never on test), and the shipped set
 
 For each model and each domain, the embedding threshold (and, with the verifier, the verifier
 threshold) is the setting that answers the most traffic-dev re-asks while hit precision stays at
-``evaluate.target_precision``; traffic test is replayed at exactly that setting. Today's shipped
-thresholds (chosen on generated val, from ``eval.json``) are replayed too, for comparison. The
+``evaluate.target_precision``; traffic test is replayed at exactly that setting. The embedding
+thresholds the router ships (``eval.json``: calibrated on natural dev) are replayed too, alone. The
 shipped setting is ``eval.json``'s deploy model with the verifier; its cost per lookup (CPU, batch 1)
 is measured against the embedding alone. The models: the baseline, the deploy model and each
 reference (``benchmarks/ablation_near_miss.py`` replays ``multi`` with and without near-miss negatives).
@@ -49,7 +49,8 @@ log = logging.getLogger(__name__)
 
 TRAFFIC_JSON = paths.METRICS_DIR / "traffic.json"
 TRAFFIC_COST_JSON = paths.METRICS_DIR / "traffic_cost.json"  # timings of this run (apart from traffic.json)
-EMBEDDING, WITH_VERIFIER, VAL_THRESHOLDS = "embedding", "with_verifier", "val_thresholds"
+# shipped_thresholds: the embedding thresholds the router ships (eval.json: natural-dev calibrated), alone
+EMBEDDING, WITH_VERIFIER, SHIPPED = "embedding", "with_verifier", "shipped_thresholds"
 
 
 def contamination(params: Params, sets: dict[str, dict[str, list[AnswerGroup]]]) -> dict[str, int]:
@@ -87,6 +88,13 @@ def pooled(outcomes: list[Outcome]) -> Outcome:
     return Outcome(*(np.concatenate([getattr(o, f) for o in outcomes]) for f in fields))
 
 
+def shipped_embedding_thresholds(model: dict[str, Any], groups: list[str]) -> dict[str, float] | None:
+    """The embedding thresholds a model ships per group (natural-dev calibrated, else val's), or None."""
+    if model.get("calibrated"):
+        return {g: model["calibrated"][g]["threshold"] for g in groups}
+    return {g: model["val"][g]["threshold"] for g in groups} if model.get("val") else None
+
+
 def traffic_replays(
     vectors: dict[str, np.ndarray],
     sets: dict[str, dict[str, list[AnswerGroup]]],
@@ -105,12 +113,13 @@ def replay_model(
     replays: dict[str, dict[str, TrafficReplay]],
     params: Params,
     verifier: Verifier | None,
-    val_thresholds: dict[str, float] | None,
+    shipped: dict[str, float] | None,
     pooled_setting: bool = False,
 ) -> dict[str, Any]:
     """One model's figures on both sets: at dev-chosen settings without and with the verifier, and at
-    the val-chosen thresholds it ships today (when given). ``pooled_setting`` also chooses one setting
-    for every domain together (``all``: the shipped model's global threshold)."""
+    the embedding thresholds it ships to the router (when given: natural-dev calibrated, else val's).
+    ``pooled_setting`` also chooses one setting for every domain together (``all``: the shipped
+    model's global threshold)."""
     tp, target = params.traffic, params.evaluate.target_precision
     result: dict[str, Any] = {}
     modes = [EMBEDDING] + ([WITH_VERIFIER] if verifier is not None else [])
@@ -121,9 +130,9 @@ def replay_model(
             t, v, found = calibrate(chosen, target, mode == WITH_VERIFIER)
             settings[d] = {"threshold": round(t, 6), "verifier_threshold": v, **found}
         result[mode] = _at(replays, settings, tp.near_miss_share)
-    if val_thresholds is not None:
-        settings = {d: {"threshold": val_thresholds[d], "verifier_threshold": None} for d in [*replays["dev"], ALL]}
-        result[VAL_THRESHOLDS] = _at(replays, settings, tp.near_miss_share)
+    if shipped is not None:
+        settings = {d: {"threshold": shipped[d], "verifier_threshold": None} for d in [*replays["dev"], ALL]}
+        result[SHIPPED] = _at(replays, settings, tp.near_miss_share)
     return result
 
 
@@ -238,8 +247,7 @@ def pipeline_traffic(params: Params) -> dict[str, Any]:
     for name, load in loaders.items():
         model = load()
         vectors = encode_unique(model, texts, params.evaluate.batch_size, desc=f"traffic {name}")
-        val = eval_metrics.get(name, {}).get("val")
-        thresholds = {d: val[d]["threshold"] for d in [*params.domains, ALL]} if val else None
+        thresholds = shipped_embedding_thresholds(eval_metrics.get(name, {}), [*params.domains, ALL])
         log.info("traffic replay: %s", name)
         replays[name] = traffic_replays(vectors, sets, params, verify)
         models[name] = replay_model(replays[name], params, verify, thresholds, pooled_setting=name == deploy)
