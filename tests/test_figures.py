@@ -79,3 +79,13 @@ def test_cost_quality_labels_every_model_inside_the_figure(png):
     assert [t.get_text().split(" (")[0] for t in labels] == list(cost["models"])
     for box in extents(fig, labels):
         assert ax.bbox.x0 <= box.x0 and box.x1 <= ax.bbox.x1 and box.y1 <= ax.bbox.y1, box
+    assert not any(t.get_text() for t in ax.get_xticklabels(minor=True))  # log-scale minor labels collided
+
+
+def test_the_margin_heatmap_shows_differences_not_percentages_of_a_margin_near_zero(png):
+    metrics = {m: {"test": {d: {"margin_delta": 0.01 * i, "margin_gain_pct": 900.0} for d in DOMAINS}} for i, m in
+               enumerate(["multi", "merged"])}  # fmt: skip
+    fig = figures.gain_heatmap(metrics, DOMAINS, ["multi", "merged"], png)
+    (ax, _) = fig.axes
+    assert sorted({t.get_text() for t in ax.texts}) == ["+0.000", "+0.010"]
+    assert "baseline" in ax.get_title()
