@@ -422,7 +422,10 @@ def test_exported_model_matches_base_plus_adapter(pipeline):
     ]
     assert config["thresholds"]["per_domain"]["law"]["threshold"] == calibrated["law"]["threshold"]
     assert {"model.safetensors", "config.json", "tokenizer.json", "semantic_router.yaml"} <= set(config["checksums"])
-    router = yaml.safe_load((repo / "exported/semantic_router.yaml").read_text())
+    router_text = (repo / "exported/semantic_router.yaml").read_text()
+    assert f"natural_test precision {shipped['natural_test']['hit_precision']:.3f}" in router_text
+    assert "at 95% confidence" in router_text  # each threshold's guarantee, in the router's comments
+    router = yaml.safe_load(router_text)
     assert router["global"]["stores"]["response_cache"]["similarity_threshold"] == round(shipped["threshold"], 4)
     plugin = router["routing"]["decisions"][0]["plugins"][0]
     assert plugin["type"] == "response_cache" and plugin["configuration"]["enabled"] is True

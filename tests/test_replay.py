@@ -75,3 +75,10 @@ def test_the_certified_threshold_needs_the_bound_not_the_point_precision():
     few = Replay(top1[:40], correct[:40])  # 40 right hits cannot certify 0.95
     assert not few.certified_threshold(0.95)["certified"] and few.certified_threshold(0.95)["threshold"] > top1.max()
     assert replay.counts(0.8) == (70, 70)
+
+
+def test_a_certified_threshold_is_plain_json():
+    import json
+
+    found = Replay(np.linspace(0.99, 0.5, 80), np.ones(80, dtype=bool)).certified_threshold(0.95)
+    assert json.loads(json.dumps(found)) == found

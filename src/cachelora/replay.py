@@ -84,7 +84,7 @@ class Replay:
         order = np.argsort(-self.top1, kind="stable")
         sims, right = self.top1[order], np.cumsum(self.correct[order])
         last_of_tie = np.r_[sims[1:] != sims[:-1], True]  # a threshold admits every tied lookup at once
-        points = {float(sims[i]): (int(right[i]), i + 1) for i in np.flatnonzero(last_of_tie)}
+        points = {float(sims[i]): (int(right[i]), int(i) + 1) for i in np.flatnonzero(last_of_tie)}
         found = certify(points, target_precision, confidence) if points else {"certified": False}
         if not found["certified"]:
             above = float(np.nextafter(sims[0], np.inf)) if sims.size else 1.0
