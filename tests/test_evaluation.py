@@ -276,7 +276,13 @@ def test_a_domain_that_cannot_certify_takes_the_pooled_threshold_and_says_so():
     def scored(n: int) -> Scored:
         return Scored(Scores(np.zeros(n), np.zeros(n)), Replay(np.linspace(0.95, 0.6, n), np.ones(n, dtype=bool)))
 
-    found = calibrated_thresholds({"medical": scored(80), "law": scored(20), "all": scored(100)}, 0.95)
+    # "all" pools the domains' own caches (as the router partitions them), not the cross-domain cache,
+    # where every hit here is wrong
+    cross_domain = Scored(
+        Scores(np.zeros(100), np.zeros(100)), Replay(np.linspace(0.95, 0.6, 100), np.zeros(100, bool))
+    )
+    found = calibrated_thresholds({"medical": scored(80), "law": scored(20), "all": cross_domain}, 0.95)
     assert found["medical"]["certified"] and found["all"]["certified"] and not found["law"]["certified"]
+    assert found["all"]["hits"] == 100
     assert found["law"]["threshold"] == found["all"]["threshold"] and found["law"]["fallback"] == "all"
     assert found["law"]["hits"] == 20  # law's own counts at the pooled threshold

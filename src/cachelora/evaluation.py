@@ -325,23 +325,30 @@ def corpus_texts(params: Params) -> set[str]:
 
 
 def calibrated_thresholds(natural_dev: dict[str, Scored], target_precision: float) -> dict[str, dict[str, Any]]:
-    """Per group of natural dev: the lowest threshold whose one-sided 95 % Clopper-Pearson lower bound
-    on cache-replay hit precision reaches ``target_precision``, with its counts and bound. A domain
-    that cannot certify it alone takes ``all``'s threshold (``fallback``: its own counts there)."""
-    found = {g: s.replay.certified_threshold(target_precision) for g, s in natural_dev.items()}
-    pooled = found.get(ALL)
-    for group, entry in found.items():
-        if group == ALL or entry["certified"] or pooled is None:
-            continue
-        right, hits = natural_dev[group].replay.counts(pooled["threshold"])
-        found[group] = {
-            "threshold": pooled["threshold"],
-            "right_hits": right,
-            "hits": hits,
-            "precision_lower_bound": round(precision_lower_bound(right, hits), 6),
-            "certified": False,
-            "fallback": ALL,
-        }
+    """Per domain of natural dev: the lowest threshold whose one-sided 95 % Clopper-Pearson lower bound
+    on cache-replay hit precision reaches ``target_precision``, with its counts and bound. ``all``: the
+    same over every domain's lookups together, each domain replayed in its own cache as the router
+    partitions them (the global threshold); a domain that cannot certify the target alone takes it
+    (``fallback``, with the domain's own counts there)."""
+    domains = {g: s.replay for g, s in natural_dev.items() if g != ALL}
+    partitions = list(domains.values()) or [natural_dev[ALL].replay]  # rows without domains: one cache
+    pooled = Replay(
+        np.concatenate([r.top1 for r in partitions]), np.concatenate([r.correct for r in partitions])
+    ).certified_threshold(target_precision)
+    found = {ALL: {**pooled, "pooled": "every domain's lookups, each domain in its own cache"}}
+    for group, replay in domains.items():
+        own = replay.certified_threshold(target_precision)
+        if not own["certified"]:
+            right, hits = replay.counts(pooled["threshold"])
+            own = {
+                "threshold": pooled["threshold"],
+                "right_hits": right,
+                "hits": hits,
+                "precision_lower_bound": round(precision_lower_bound(right, hits), 6),
+                "certified": False,
+                "fallback": ALL,
+            }
+        found[group] = own
     return found
 
 
