@@ -283,7 +283,18 @@ def test_exp_show_recipe_fits_200_columns_and_ctrl_c_is_undone_by_dvc_checkout(p
     within 200 columns, nothing elided; and after DVC removed a stage's outputs (as it does before running
     the stage, so a Ctrl-C leaves them gone), `dvc checkout` puts them back as dvc.lock records them."""
     run(pipeline, "git", "add", "-A")
-    run(pipeline, "git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "before experiments")
+    run(
+        pipeline,
+        "git",
+        "-c",
+        "user.email=t@t",
+        "-c",
+        "user.name=t",
+        "commit",
+        "-qm",
+        "before experiments",
+        "--allow-empty",
+    )
     for name, change in (("share20", "traffic.near_miss_share=0.2"), ("share30", "traffic.near_miss_share=0.3")):
         run(pipeline, "dvc", "exp", "run", "-n", name, "-S", change)
     run(pipeline, "git", "checkout", "--", "params.yaml")
@@ -417,9 +428,10 @@ def test_exported_model_matches_base_plus_adapter(pipeline):
     shipped = config["thresholds"]["global"]  # calibrated on natural dev, with the guarantee and its figures
     calibrated = metrics["merged"]["calibrated"]
     assert shipped["threshold"] == calibrated["all"]["threshold"] and shipped["guarantee"] == calibrated["all"]
-    assert shipped["natural_test"]["hit_precision"] == metrics["merged"]["natural_test"]["all"]["replay_calibrated"][
-        "hit_precision"
-    ]
+    assert (
+        shipped["natural_test"]["hit_precision"]
+        == metrics["merged"]["natural_test"]["all"]["replay_calibrated"]["hit_precision"]
+    )
     assert config["thresholds"]["per_domain"]["law"]["threshold"] == calibrated["law"]["threshold"]
     assert {"model.safetensors", "config.json", "tokenizer.json", "semantic_router.yaml"} <= set(config["checksums"])
     router_text = (repo / "exported/semantic_router.yaml").read_text()

@@ -7,6 +7,7 @@ citations, every table cell against the metric it cites, and (``--recompute``) r
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 import struct
@@ -137,7 +138,7 @@ def check_results(params: Params, path: Path) -> Iterator[str]:
             yield f"{path}: table '{table.title}': {exc}"
             continue
         for spec, expected in zip(table.rows, rendered, strict=True):
-            labels = [c for c in spec if isinstance(c, str)]
+            labels = list(itertools.takewhile(lambda c: isinstance(c, str), spec))  # a row's leading labels
             prefix = "| " + " | ".join(labels) + " |"
             found = next((i for i in range(start, len(lines)) if lines[i].startswith(prefix)), None)
             if found is None:
