@@ -472,7 +472,7 @@ def test_exported_model_matches_base_plus_adapter(pipeline):
 
 
 def release_agrees_with_itself(release: Path) -> None:
-    """The exported model is the one the release's eval.json deployed, at its val threshold; its verifier
+    """The exported model is the one the release's eval.json deployed, at its calibrated thresholds; its verifier
     block is the release's traffic.json shipped setting with its figures; RESULTS.md's headline names it;
     every exported file has the checksum cache_config.json records."""
     config = json.loads((release / "model/cache_config.json").read_text())
@@ -480,7 +480,8 @@ def release_agrees_with_itself(release: Path) -> None:
     traffic = json.loads((release / "metrics/traffic.json").read_text())
     model = evaluated["deploy"]["model"]
     assert config["model"] == model and config["deploy_choice"] is True
-    assert config["thresholds"]["global"]["threshold"] == evaluated[model]["val"]["all"]["threshold"]
+    assert config["thresholds"]["global"]["threshold"] == evaluated[model]["calibrated"]["all"]["threshold"]
+    assert config["thresholds"]["global"]["guarantee"] == evaluated["deploy"]["guarantee"]["all"]
     assert traffic["shipped"]["model"] == model and config["verifier"]["traffic_test"] == traffic["shipped"]["test"]
     settings = traffic["shipped"]["settings"]
     assert config["verifier"]["per_domain"] == {d: s["verifier_threshold"] for d, s in settings.items() if d != "all"}
