@@ -106,3 +106,19 @@ def test_a_calibrated_fragment_validates_too(starter: dict, tmp_path: Path) -> N
     assert "70/70 hits right: precision >= 0.958 at 95% confidence" in snippet and "the pooled threshold" in snippet
     result = validate(merge(starter, yaml.safe_load(snippet)), tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_each_threshold_says_what_the_router_alone_does_with_near_misses() -> None:
+    """The traffic stage's replay of the shipped embedding thresholds without the verifier lands beside
+    each threshold and in its router comment: what the router, which cannot run the verifier, serves."""
+    from cachelora.export import ROUTER_ALONE, add_router_alone
+
+    thresholds = copy.deepcopy(THRESHOLDS)
+    alone = {"reask_hit_rate": 0.69, "near_miss_wrong_hit_rate": 0.92, "hit_precision": 0.43, "hits": 7}
+    traffic = {"models": {"multi": {"shipped_thresholds": {"test": {"all": alone, "programming": alone}}}}}
+    add_router_alone(thresholds, traffic, "multi")
+    assert thresholds["per_domain"]["programming"][ROUTER_ALONE] == {k: alone[k] for k in list(alone)[:3]}
+    assert ROUTER_ALONE not in thresholds["per_domain"]["law"] and ROUTER_ALONE in thresholds["global"]
+    snippet = semantic_router_snippet("multi", thresholds)
+    assert "router alone on traffic test: re-ask hit rate 0.690, near-miss wrong-hit rate 0.920" in snippet
+    add_router_alone(thresholds, None, "multi")  # no traffic stage: nothing to add, nothing breaks

@@ -80,6 +80,12 @@ def semantic_router_snippet(model: str, thresholds: dict[str, Any]) -> str:
         for key in ("calibration", "guarantee"):
             if key in entry:
                 figures.append(guarantee(entry[key], thresholds["confidence"]))
+        if ROUTER_ALONE in entry:
+            alone = entry[ROUTER_ALONE]
+            figures.append(
+                f"router alone on traffic test: re-ask hit rate {alone['reask_hit_rate']:.3f}, near-miss wrong-hit"
+                f" rate {alone['near_miss_wrong_hit_rate']:.3f}"
+            )
         return ", ".join(figures)
 
     g = thresholds["global"]
@@ -121,6 +127,23 @@ def semantic_router_snippet(model: str, thresholds: dict[str, Any]) -> str:
             f"              similarity_threshold: {entry['threshold']:.4f}",
         ]
     return "\n".join(lines) + "\n"
+
+
+ROUTER_ALONE = "router_alone_traffic_test"  # the embedding thresholds alone on traffic test (no verifier)
+
+
+def add_router_alone(thresholds: dict[str, Any], traffic: dict[str, Any] | None, model: str) -> None:
+    """Beside each threshold, what the router does with it alone (no verifier) on traffic test, where
+    near-misses are asked: the traffic stage replays the shipped embedding thresholds."""
+    from cachelora.evaluation import ALL
+
+    figures = ((traffic or {}).get("models", {}).get(model, {}).get("shipped_thresholds") or {}).get("test")
+    if not figures:
+        return
+    keys = ("reask_hit_rate", "near_miss_wrong_hit_rate", "hit_precision")
+    for group, entry in [(ALL, thresholds["global"]), *thresholds["per_domain"].items()]:
+        if group in figures:
+            entry[ROUTER_ALONE] = {k: figures[group][k] for k in keys}
 
 
 def guarantee(found: dict[str, Any], confidence: float) -> str:
@@ -302,11 +325,9 @@ def export_model(
     model_name = model_name or eval_metrics["deploy"]["model"]
     thresholds = shipped_thresholds(eval_metrics, model_name)
     traffic_path, cost_path = eval_path.parent / "traffic.json", eval_path.parent / "traffic_cost.json"
-    verifier = verifier_settings(
-        read_json(traffic_path) if traffic_path.exists() else None,
-        model_name,
-        read_json(cost_path) if cost_path.exists() else None,
-    )
+    traffic = read_json(traffic_path) if traffic_path.exists() else None
+    add_router_alone(thresholds, traffic, model_name)
+    verifier = verifier_settings(traffic, model_name, read_json(cost_path) if cost_path.exists() else None)
     model, base, adapter_sha = _load(model_name)
     try:
         config = _write_export(model, model_name, base, adapter_sha, eval_metrics, thresholds, verifier, out)
