@@ -133,15 +133,14 @@ ROUTER_ALONE = "router_alone_traffic_test"  # the embedding thresholds alone on 
 
 
 def add_router_alone(thresholds: dict[str, Any], traffic: dict[str, Any] | None, model: str) -> None:
-    """Beside each threshold, what the router does with it alone (no verifier) on traffic test, where
-    near-misses are asked: the traffic stage replays the shipped embedding thresholds."""
-    from cachelora.evaluation import ALL
-
+    """Beside each domain's threshold, what the router does with it alone (no verifier) on traffic test,
+    where near-misses are asked: the traffic stage replays the shipped embedding thresholds. (Its pooled
+    row counts each domain at its own threshold: not the global threshold's, so it is left out.)"""
     figures = ((traffic or {}).get("models", {}).get(model, {}).get("shipped_thresholds") or {}).get("test")
     if not figures:
         return
     keys = ("reask_hit_rate", "near_miss_wrong_hit_rate", "hit_precision")
-    for group, entry in [(ALL, thresholds["global"]), *thresholds["per_domain"].items()]:
+    for group, entry in thresholds["per_domain"].items():
         if group in figures:
             entry[ROUTER_ALONE] = {k: figures[group][k] for k in keys}
 
