@@ -449,11 +449,9 @@ def test_exported_model_matches_base_plus_adapter(pipeline):
     assert f"exported {metrics['deploy']['model']} to deployed" in default
     traffic = json.loads((repo / "metrics/traffic.json").read_text())
     assert traffic["shipped"]["model"] == metrics["deploy"]["model"]
-    alone = traffic["models"][metrics["deploy"]["model"]]["shipped_thresholds"]["test"]["all"]
-    assert (
-        deployed["thresholds"]["global"]["router_alone_traffic_test"]["near_miss_wrong_hit_rate"]
-        == alone["near_miss_wrong_hit_rate"]
-    )
+    alone = traffic["models"][metrics["deploy"]["model"]]["shipped_thresholds"]["test"]["law"]
+    law = deployed["thresholds"]["per_domain"]["law"]["router_alone_traffic_test"]
+    assert law["near_miss_wrong_hit_rate"] == alone["near_miss_wrong_hit_rate"]
     verifier = deployed["verifier"]
     assert verifier["per_domain"] == {
         d: traffic["shipped"]["settings"][d]["verifier_threshold"] for d in verifier["per_domain"]
