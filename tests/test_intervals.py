@@ -18,7 +18,7 @@ GROUPS = np.repeat(np.arange(20).astype(str), 5)  # 20 groups of 5 lookups
 def test_a_model_against_itself_differs_by_exactly_zero():
     hits = np.random.default_rng(0).random(100) < 0.5
     ratio = {"hit_rate": Ratio(hits.astype(float), np.ones(100))}
-    out = paired(ratio, ratio, GROUPS, 200, 1)["hit_rate"]
+    out = paired(ratio, ratio, group_bootstrap(GROUPS, 200, 1))["hit_rate"]
     assert out["diff"] == out["diff_ci_low"] == out["diff_ci_high"] == 0.0
     assert out["model_ci_low"] < out["model"] == round(hits.mean(), 6) < out["model_ci_high"]
 
@@ -33,9 +33,7 @@ def test_the_pairing_narrows_the_difference_below_each_figures_own_interval():
     out = paired(
         {"hit_rate": Ratio(better.astype(float), np.ones(100))},
         {"hit_rate": Ratio(base.astype(float), np.ones(100))},
-        GROUPS,
-        1000,
-        3,
+        group_bootstrap(GROUPS, 1000, 3),
     )["hit_rate"]
     width = lambda key: out[f"{key}_ci_high"] - out[f"{key}_ci_low"]  # noqa: E731
     assert out["diff_ci_low"] >= 0 and width("diff") < 0.5 * width("model")

@@ -19,3 +19,13 @@ def test_replace_block_needs_both_markers():
     assert replace_block(text, f"{BEGIN}\nnew\n{END}") == f"intro\n{BEGIN}\nnew\n{END}\nrest\n"
     with pytest.raises(CacheloraError, match=r"needs exactly one"):
         replace_block("no markers", "x")
+
+
+def test_report_loads_without_torch():
+    """Writing RESULTS.md reads JSON: importing the report must not load torch or sentence-transformers."""
+    import subprocess
+    import sys
+
+    probe = "import sys, cachelora.report; print(sorted({'torch', 'sentence_transformers'} & set(sys.modules)))"
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"

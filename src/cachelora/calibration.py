@@ -143,6 +143,19 @@ def certify(points: dict[float, tuple[int, int]], target: float, confidence: flo
     return best
 
 
+def fallback(threshold: float, right: int, hits: int, why: str, confidence: float = CONFIDENCE) -> dict[str, Any]:
+    """A partition that cannot certify the target alone: the pooled ``threshold``, with this
+    partition's own counts and bound there, marked uncertified and ``fallback`` ``why``."""
+    return {
+        "threshold": threshold,
+        "right_hits": right,
+        "hits": hits,
+        "precision_lower_bound": round(precision_lower_bound(right, hits, confidence), 6),
+        "certified": False,
+        "fallback": why,
+    }
+
+
 def calibrate_log(
     queries: list[Query],
     vectors: dict[str, np.ndarray],
@@ -174,15 +187,8 @@ def calibrate_log(
     for d in [d for d in domains if d != POOLED]:  # queries without a domain count in the pooled threshold only
         found = certify(runs[d], target, confidence)
         if not found["certified"]:
-            right, hits = runs[d][pooled["threshold"]]
-            found = {
-                "threshold": pooled["threshold"],
-                "right_hits": right,
-                "hits": hits,
-                "precision_lower_bound": round(precision_lower_bound(right, hits, confidence), 6),
-                "certified": False,
-                "fallback": "pooled: this domain's re-asks cannot certify the target alone",
-            }
+            why = "pooled: this domain's re-asks cannot certify the target alone"
+            found = fallback(pooled["threshold"], *runs[d][pooled["threshold"]], why, confidence)
         per_domain[d] = {**found, "lookups": len(replays[d].answers), "reasks": replays[d].reasks}
     return {
         "target_precision": target,

@@ -13,10 +13,6 @@ import statistics
 import time
 from typing import Any
 
-import torch
-
-from cachelora.adapters import merged_for_serving
-
 log = logging.getLogger(__name__)
 
 BATCH_SIZES = (1, 32)
@@ -43,6 +39,8 @@ def parameter_count(model: Any) -> int:
 
 def ms_per_query(model: Any, queries: list[str], batch_size: int, repeats: int) -> float:
     """Median over ``repeats`` passes of the wall time per query, encoding ``queries`` ``batch_size`` at a time."""
+    import torch
+
     model.encode(queries[:batch_size], batch_size=batch_size)  # warm-up
     runs = []
     for _ in range(repeats):
@@ -56,6 +54,10 @@ def ms_per_query(model: Any, queries: list[str], batch_size: int, repeats: int) 
 
 def measure(model: Any, queries: list[str], repeats: int = 3) -> dict[str, Any]:
     """Parameters and ms/query at each of :data:`BATCH_SIZES` for one model."""
+    import torch
+
+    from cachelora.adapters import merged_for_serving
+
     model = merged_for_serving(model)
     model.eval()
     figures: dict[str, Any] = {"parameters": parameter_count(model), "threads": torch.get_num_threads()}

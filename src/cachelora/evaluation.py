@@ -25,7 +25,7 @@ from sklearn.metrics import (
 )
 
 from cachelora import paths
-from cachelora.calibration import precision_lower_bound
+from cachelora.calibration import fallback
 from cachelora.errors import CacheloraError
 from cachelora.intervals import Ratio, ci, comparison, group_bootstrap, paired
 from cachelora.params import BASELINE, MERGED, MULTI, Params
@@ -339,15 +339,7 @@ def calibrated_thresholds(natural_dev: dict[str, Scored], target_precision: floa
     for group, replay in domains.items():
         own = replay.certified_threshold(target_precision)
         if not own["certified"]:
-            right, hits = replay.counts(pooled["threshold"])
-            own = {
-                "threshold": pooled["threshold"],
-                "right_hits": right,
-                "hits": hits,
-                "precision_lower_bound": round(precision_lower_bound(right, hits), 6),
-                "certified": False,
-                "fallback": ALL,
-            }
+            own = fallback(pooled["threshold"], *replay.counts(pooled["threshold"]), ALL)
         found[group] = own
     return found
 
@@ -356,6 +348,12 @@ def replay_entry(model: dict[str, Any], set_name: str, group: str) -> dict[str, 
     """A model's replay figures on one set and group of eval.json (val holds replay figures only)."""
     entry = model[set_name][group]
     return entry if set_name == CHOSEN_ON else entry["replay"]
+
+
+def shipped_threshold(model: dict[str, Any], group: str) -> float:
+    """The threshold a model ships for a group: natural-dev calibrated where natural dev was scored,
+    else its val operating point."""
+    return (model["calibrated"] if model.get("calibrated") else model[CHOSEN_ON])[group]["threshold"]
 
 
 def shipped_entry(model: dict[str, Any], set_name: str, group: str) -> dict[str, Any]:
@@ -394,8 +392,6 @@ def choose_deploy(
         shipped = {
             "thresholds_chosen_on": f"{NATURAL_CHOSEN_ON}: the lowest threshold whose one-sided 95 % Clopper-Pearson"
             f" lower bound on hit precision reaches {target_precision} (a domain that cannot certify it: all's)",
-            "threshold": calibrated[ALL]["threshold"],
-            "per_domain_thresholds": {d: calibrated[d]["threshold"] for d in domains},
             "guarantee": calibrated,
         }
     else:
@@ -406,12 +402,12 @@ def choose_deploy(
 
         shipped = {
             "thresholds_chosen_on": f"{CHOSEN_ON}: the lowest threshold whose hit precision reaches {target_precision}",
-            "threshold": entry[CHOSEN_ON][ALL]["threshold"],
-            "per_domain_thresholds": {d: entry[CHOSEN_ON][d]["threshold"] for d in domains},
         }
     return {
         "model": best,
         "chosen_on": deploy_on,
+        "threshold": shipped_threshold(entry, ALL),
+        "per_domain_thresholds": {d: shipped_threshold(entry, d) for d in domains},
         **shipped,
         **{name: at(name, ALL) for name in sets},
         "per_domain": {d: {name: at(name, d) for name in sets if d in entry[name]} for d in domains},
@@ -529,9 +525,9 @@ def replay_ratios(scored: Scored, threshold: float) -> dict[str, Ratio]:
     }
 
 
-def paired_average_precision(ours: Scores, theirs: Scores, resamples: int, seed: int) -> dict[str, Any]:
-    """Pair-view AP of two models on the same triplets, with the paired bootstrap's intervals."""
-    weights = group_bootstrap(ours.groups if ours.groups is not None else np.arange(len(ours.pos)), resamples, seed)
+def paired_average_precision(ours: Scores, theirs: Scores, weights: np.ndarray) -> dict[str, Any]:
+    """Pair-view AP of two models on the same triplets, with the paired bootstrap's intervals
+    (``weights``: one row per resample, one column per triplet)."""
     samples, values = {}, {}
     for name, scores in (("model", ours), ("baseline", theirs)):
         labels, scored = scores.labels_and_scores
@@ -550,14 +546,10 @@ def natural_headline(
     for group, ours in scored[deploy][HEADLINE_SET].items():
         theirs = scored[BASELINE][HEADLINE_SET][group]
         at = {name: shipped_entry(result[name], HEADLINE_SET, group)["threshold"] for name in (deploy, BASELINE)}
-        figures = paired(
-            replay_ratios(ours, at[deploy]),
-            replay_ratios(theirs, at[BASELINE]),
-            ours.scores.groups if ours.scores.groups is not None else np.arange(len(ours.replay.top1)),
-            resamples,
-            seed,
-        )
-        figures["natural_ap"] = paired_average_precision(ours.scores, theirs.scores, resamples, seed)
+        groups = ours.scores.groups if ours.scores.groups is not None else np.arange(len(ours.replay.top1))
+        weights = group_bootstrap(groups, resamples, seed)
+        figures = paired(replay_ratios(ours, at[deploy]), replay_ratios(theirs, at[BASELINE]), weights)
+        figures["natural_ap"] = paired_average_precision(ours.scores, theirs.scores, weights)
         out[group] = figures
     return out
 

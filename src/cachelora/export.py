@@ -30,7 +30,7 @@ def shipped_thresholds(eval_metrics: dict[str, Any], model: str) -> dict[str, An
     exactly those thresholds: its natural-dev calibrated ones, each with its guarantee (a one-sided 95 %
     Clopper-Pearson lower bound on hit precision) and the figures on the generated test split, natural
     dev (in-sample) and natural test; or, where natural dev was not scored, its val operating points."""
-    from cachelora.evaluation import ALL, CALIBRATED, replay_entry
+    from cachelora.evaluation import ALL, CALIBRATED, replay_entry, shipped_threshold
 
     entry = eval_metrics.get(model)
     if not isinstance(entry, dict) or ALL not in entry.get("val", {}):
@@ -42,9 +42,9 @@ def shipped_thresholds(eval_metrics: dict[str, Any], model: str) -> dict[str, An
         if calibrated:
             sets = [s for s in CALIBRATED_SETS if group in entry.get(s, {})]
             figures = {s: {k: entry[s][group][CALIBRATED][k] for k in FIGURES} for s in sets}
-            return {"threshold": calibrated[group]["threshold"], "guarantee": calibrated[group], **figures}
+            return {"threshold": shipped_threshold(entry, group), "guarantee": calibrated[group], **figures}
         figures = {s: {k: replay_entry(entry, s, group)[k] for k in FIGURES} for s in SETS if group in entry[s]}
-        return {"threshold": entry["val"][group]["threshold"], **figures}
+        return {"threshold": shipped_threshold(entry, group), **figures}
 
     chosen_on = (
         f"natural dev: the lowest threshold whose one-sided 95 % Clopper-Pearson lower bound on hit precision"

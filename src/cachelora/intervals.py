@@ -46,12 +46,10 @@ class Ratio:
         return np.where(den > 0, num / np.where(den > 0, den, 1), self.empty)
 
 
-def paired(
-    model: dict[str, Ratio], baseline: dict[str, Ratio], groups: np.ndarray, resamples: int, seed: int
-) -> dict[str, dict[str, Any]]:
+def paired(model: dict[str, Ratio], baseline: dict[str, Ratio], weights: np.ndarray) -> dict[str, dict[str, Any]]:
     """Each figure of ``model`` and ``baseline`` (the same lookups, in the same order) with its 95 %
-    interval, and their difference with the interval of the difference, all from the same resamples."""
-    weights = group_bootstrap(groups, resamples, seed)
+    interval, and their difference with the interval of the difference, all from the same resamples
+    (``weights``: :func:`group_bootstrap`'s)."""
     return {
         name: comparison(
             float(ratio.value()), float(baseline[name].value()), ratio.value(weights), baseline[name].value(weights)

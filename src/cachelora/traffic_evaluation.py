@@ -25,8 +25,15 @@ import torch
 from cachelora import paths
 from cachelora.cost import machine_load, ms_per_query
 from cachelora.errors import CacheloraError
-from cachelora.evaluation import ALL, BASELINE, corpus_texts, model_loaders, reference_loaders
-from cachelora.intervals import Ratio, paired
+from cachelora.evaluation import (
+    ALL,
+    BASELINE,
+    corpus_texts,
+    model_loaders,
+    reference_loaders,
+    shipped_threshold,
+)
+from cachelora.intervals import Ratio, group_bootstrap, paired
 from cachelora.params import EvaluateParams, Params
 from cachelora.records import read_json, write_json
 from cachelora.splitting import texts_of as triplet_texts
@@ -90,9 +97,7 @@ def pooled(outcomes: list[Outcome]) -> Outcome:
 
 def shipped_embedding_thresholds(model: dict[str, Any], groups: list[str]) -> dict[str, float] | None:
     """The embedding thresholds a model ships per group (natural-dev calibrated, else val's), or None."""
-    if model.get("calibrated"):
-        return {g: model["calibrated"][g]["threshold"] for g in groups}
-    return {g: model["val"][g]["threshold"] for g in groups} if model.get("val") else None
+    return {g: shipped_threshold(model, g) for g in groups} if model.get("calibrated") or model.get("val") else None
 
 
 def traffic_replays(
@@ -176,7 +181,7 @@ def traffic_headline(
 
     mine, base = run(ours, our_settings), run(theirs, their_settings)
     return {
-        group: paired(outcome_ratios(o), outcome_ratios(base[group]), o.group, ep.bootstrap, ep.seed)
+        group: paired(outcome_ratios(o), outcome_ratios(base[group]), group_bootstrap(o.group, ep.bootstrap, ep.seed))
         for group, o in mine.items()
     }
 
