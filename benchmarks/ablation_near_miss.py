@@ -1,14 +1,15 @@
-"""Ablation: the deploy adapter trained without near-miss negatives, on the natural traffic sets.
+"""Ablation: the deploy-candidate adapter trained with another share of lexicon near-miss negatives.
 
-The pipeline trains with ``generate.near_miss_fraction`` of its rows carrying a near-miss negative;
-this script answers "what did those negatives buy?". In a temp copy of the repo (as bench_pipeline.py
-makes it) it runs the real stage scripts (generate, validate and split for every domain, then train
-for ``multi`` by default) with ``generate.near_miss_fraction: 0`` and nothing else changed, then
+The pipeline trains with ``generate.near_miss_fraction`` of its rows carrying a lexicon near-miss
+negative (the corpus's hand-written near-misses are there either way); this script answers "what do
+those negatives do?". In a temp copy of the repo (as bench_pipeline.py makes it) it runs the real
+stage scripts (generate, validate and split for every domain, then train for ``multi`` by default)
+with ``--fraction`` (default: 0.5 when the pipeline's is 0, else 0) and nothing else changed, then
 replays the traffic sets with that adapter and with the pipeline's own (``models/multi``) exactly as
 the ``traffic`` stage does: alone and with the pipeline's verifier (``models/verifier``), at settings
 chosen on traffic dev; and scores both on the natural dev and test sets (AP, triplet accuracy).
-Run after ``dvc repro``; writes ``benchmarks/results/ablation.json`` (RESULTS.md's ablation table
-cites it with the adapter's md5).
+``with_near_miss_negatives`` is the arm with the larger share. Run after ``dvc repro``; writes
+``benchmarks/results/ablation.json`` (RESULTS.md's ablation tables cite it with the adapter's md5).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def natural_quality(model: object, params: object) -> dict[str, dict[str, float]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="multi", help="the train stage's model to retrain")
+    parser.add_argument("--fraction", type=float, default=None, help="the other arm's generate.near_miss_fraction")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     at_repo_root()
@@ -62,17 +64,23 @@ def main() -> None:
     from cachelora.verify import dir_md5
 
     params = load_params()
+    ours = params.generate.near_miss_fraction
+    other = args.fraction if args.fraction is not None else (0.5 if ours == 0 else 0.0)
+    if other == ours:
+        raise SystemExit(f"--fraction {other} is the pipeline's own generate.near_miss_fraction")
     root = Path(tempfile.mkdtemp(prefix="cachelora-ablation-"))
     try:
         copy_repo(root, tiny=False)
         raw = yaml.safe_load((root / "params.yaml").read_text())
-        raw["generate"]["near_miss_fraction"] = 0.0
+        raw["generate"]["near_miss_fraction"] = other
         (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
         calls = [(stage, ["--domain", d]) for stage in ("generate", "validate", "split") for d in params.domains]
         for stage, stage_args in [*calls, ("train", ["--name", args.model])]:
             took = run_stage(root, stage, stage_args)["wall_s"]
             print(f"  {stage} {' '.join(stage_args)}: {took:.0f} s", flush=True)
-        trained = {"with": Path("models") / args.model, "without": root / "models" / args.model}
+        arms = sorted([(ours, Path("models") / args.model), (other, root / "models" / args.model)], reverse=True)
+        trained = {"with": arms[0][1], "without": arms[1][1]}
+        fractions = {"with_near_miss_negatives": arms[0][0], "without_near_miss_negatives": arms[1][0]}
         sets = read_traffic_sets(params.domains)
         texts = sorted({t for by in sets.values() for gs in by.values() for g in gs for t in g.texts})
         verify = scorer(load_verifier(), params.evaluate.batch_size)
@@ -89,9 +97,11 @@ def main() -> None:
             }
         result = {
             "model": args.model,
-            "changed": {"generate.near_miss_fraction": [params.generate.near_miss_fraction, 0.0]},
+            "changed": {"generate.near_miss_fraction": [ours, other]},
+            "near_miss_fraction": fractions,
+            "pipeline": next(k for k, f in fractions.items() if f == ours),
             "verifier_md5": dir_md5(Path("models/verifier")),
-            "training_without": read_json(root / "metrics" / "train" / f"{args.model}.json"),
+            "training_other_arm": read_json(root / "metrics" / "train" / f"{args.model}.json"),
             **variants,
         }
     finally:

@@ -8,7 +8,14 @@ from cachelora.params import load_params
 from cachelora.records import write_json
 from cachelora.training_log import training_log
 from cachelora.triplets import read_triplets
-from cachelora.verifier import VERIFIER, pair_quality, save_verifier, train_verifier, verifier_dir
+from cachelora.verifier import (
+    VERIFIER,
+    pair_quality,
+    save_verifier,
+    train_verifier,
+    verifier_dir,
+    with_verifier_near_misses,
+)
 
 
 @click.command()
@@ -19,7 +26,7 @@ def main() -> None:
         model, info, run, _ = train_verifier(params, log)
         probe = [("is it safe to drive after a concussion", "can I drive the day after a concussion")] * 2
         save_verifier(model, verifier_dir(), info, probe)
-        val = {d: read_triplets(paths.split_file(d, "val")) for d in params.domains}
+        val = {d: with_verifier_near_misses(read_triplets(paths.split_file(d, "val")), params) for d in params.domains}
         quality = {d: pair_quality(model, rows) for d, rows in val.items()}
         quality["all"] = pair_quality(model, [r for rows in val.values() for r in rows])
         for key in ("roc_auc", "near_miss_roc_auc"):

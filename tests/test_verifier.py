@@ -99,12 +99,15 @@ def test_the_verifier_learns_and_reloads_as_a_plain_cross_encoder(
     ]  # fmt: skip
     write_jsonl(tmp_path / "data" / "natural" / "traffic" / "train" / "medical.jsonl", traffic)
     params = tiny_params(
-        verifier={"layers": 1, "max_pairs": 0, "batch_size": 16, "lr": 2e-4, "epochs": 3}, traffic={"min_groups": 2}
+        verifier={"layers": 1, "max_pairs": 0, "batch_size": 16, "lr": 2e-4, "epochs": 3, "near_miss_fraction": 0},
+        traffic={"min_groups": 2},
     )
     model, info, run, history = V.train_verifier(params)
     first, last = history[0]["loss"], np.mean([h["loss"] for h in history[-3:]])
     assert last < first and info["near_miss_rows"] > 0
-    assert info["natural_pairs"] == len(V.group_pairs(GROUPS)) and info["pairs"] > 2 * len(ROWS) + info["natural_pairs"]
+    by_words, retrieved = len(V.group_pairs(GROUPS)), sum(len(g.texts) - 1 for g in GROUPS)  # + one by cosine each
+    assert by_words <= info["natural_pairs"] <= by_words + retrieved
+    assert info["pairs"] > 2 * len(ROWS) + info["natural_pairs"]
     assert "data/natural/traffic/train/medical.jsonl" in info["data"]
     probe = [(r["anchor"], r["positive"]) for r in ROWS[:4]]
     V.save_verifier(model, tmp_path / "verifier", info, probe)
@@ -127,3 +130,47 @@ def test_pair_quality_reads_auc_overall_and_on_near_misses() -> None:
     quality = V.pair_quality(Oracle(), ROWS)
     near = sum("near_miss_of" in r for r in ROWS)
     assert quality == {"rows": len(ROWS), "near_miss_rows": near, "roc_auc": 1.0, "near_miss_roc_auc": 1.0}
+
+
+@pytest.mark.parametrize("fraction", [0.5, 1.0])
+def test_the_verifier_learns_the_near_miss_edits_generate_would_have_made(seed_dir, monkeypatch, fraction) -> None:
+    """With no lexicon near-misses in the splits (``generate.near_miss_fraction: 0``), the verifier's
+    rows get exactly the edits generate draws at ``verifier.near_miss_fraction``, and its pairs hold
+    them as negatives; a row that already holds a near-miss keeps it."""
+    import cachelora.lexicon as lexicon_module
+    from cachelora.generation import generate_offline
+
+    lexicons = {"medical": Lexicon.model_validate({**TINY_LEXICON, "near_misses": RULES})}
+    monkeypatch.setattr(lexicon_module, "load_lexicons", lambda domains, seed_dir: lexicons)
+    generate = {"seed": 1, "triplets_per_domain": 60, "corpus": None}
+    plain = generate_offline(tiny_params(generate={**generate, "near_miss_fraction": 0.0}), "medical", lexicons)
+    edited = generate_offline(tiny_params(generate={**generate, "near_miss_fraction": fraction}), "medical", lexicons)
+    params = tiny_params(generate={**generate, "near_miss_fraction": 0.0}, verifier={"near_miss_fraction": fraction})
+    assert not any("near_miss_of" in r for r in plain)
+    rows = V.with_verifier_near_misses(plain, params)
+    assert rows == edited and sum("near_miss_of" in r for r in rows) >= 20
+    negatives = {(a, b) for a, b, label in V.training_pairs(rows, 0, 1) if label == 0}
+    assert all({(r["anchor"], r["negative"]), (r["negative"], r["anchor"])} & negatives
+               for r in rows if "near_miss_of" in r)  # fmt: skip
+    assert V.with_verifier_near_misses(edited, params) == edited  # already edited: kept
+    off = tiny_params(verifier={"near_miss_fraction": 0.0})
+    assert V.with_verifier_near_misses(plain, off) == plain
+
+
+def test_each_text_also_meets_the_other_groups_text_the_embedding_retrieves() -> None:
+    """Given the base model's vectors, each re-ask and near-miss is also paired (0) with the other
+    group's text nearest by cosine: the candidate a cache's embedding would hand the verifier."""
+    rng = np.random.default_rng(7)
+    texts = [t for g in GROUPS for t in g.texts]
+    vectors = {t: v / np.linalg.norm(v) for t, v in zip(texts, rng.normal(size=(len(texts), 8)), strict=True)}
+    owner = {t: g.group_id for g in GROUPS for t in g.texts}
+    retrieved = {
+        t: max((o for o in texts if owner[o] != owner[t]), key=lambda o: float(vectors[t] @ vectors[o]))
+        for g in GROUPS
+        for t in g.texts[1:]
+    }
+    labels = {frozenset((a, b)): label for a, b, label in V.group_pairs(GROUPS, vectors)}
+    assert all(labels.get(frozenset(p)) == 0 for p in retrieved.items())
+    without = {frozenset((a, b)) for a, b, _ in V.group_pairs(GROUPS)}
+    assert any(frozenset(p) not in without for p in retrieved.items())  # words alone would miss some
+    assert len(V.group_pairs(GROUPS, vectors)) == len(labels)  # no pair twice

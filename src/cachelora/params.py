@@ -171,6 +171,7 @@ class VerifierParams(_Strict):
     warmup: float = Field(0.1, ge=0, lt=1)
     max_pairs: int = Field(8000, ge=0)  # generated pairs (0 = every pair of the train splits)
     natural_pairs: bool = True  # also train on the natural traffic train set's pairs
+    near_miss_fraction: float = Field(0.5, ge=0, le=1)  # train rows given a near-miss edit, as generate draws
     seed: int = Field(42, ge=0)
 
 

@@ -236,15 +236,14 @@ def traffic_ablation_table(params: Params) -> Table:
                 for _, k in TRAFFIC_FIGURES
             )
             rows.append((label, mode_label, *cells))
-    ablated = read_json(ABLATION)["model"]
-    for variant, label in (("with_near_miss_negatives", "with"), ("without_near_miss_negatives", "without")):
+    for variant, label in ablation_arms():
         for mode_label, mode in TRAFFIC_MODES[1:]:
             cells = (
                 Cell(ABLATION, f"{variant}.traffic.{mode}.{s}.{ALL}.{k}", ".3f")
                 for s in ("dev", "test")
                 for _, k in TRAFFIC_FIGURES
             )
-            rows.append((f"{ablated}, {label} near-miss negatives", mode_label, *cells))
+            rows.append((label, mode_label, *cells))
     deploy = read_json(ABLATION_VERIFIER)["model"]
     for variant, label in (("with_natural_pairs", "with"), ("without_natural_pairs", "without")):
         cells = (
@@ -257,14 +256,24 @@ def traffic_ablation_table(params: Params) -> Table:
     return Table("Traffic ablation: all domains (dev is in-sample for its own settings)", header, tuple(rows))
 
 
+def ablation_arms() -> list[tuple[str, str]]:
+    """The near-miss ablation's two arms (its keys) with their labels: the adapter, its
+    ``generate.near_miss_fraction``, and which arm the pipeline trains."""
+    ablation = read_json(ABLATION)
+    name, ours = ablation["model"], ablation["pipeline"]
+    return [
+        (variant, f"{name}, near-miss fraction {fraction:g}" + (" (pipeline)" if variant == ours else ""))
+        for variant, fraction in ablation["near_miss_fraction"].items()
+    ]
+
+
 def ablation_natural_table() -> Table:
-    """The ablated adapter with and without near-miss negatives on the natural dev and test sets."""
-    ablated = read_json(ABLATION)["model"]
+    """The ablated adapter with each share of lexicon near-miss negatives on the natural dev and test sets."""
     rows = tuple(
-        (f"{ablated}, {label} near-miss negatives",
+        (label,
          *(Cell(ABLATION, f"{variant}.natural.natural_{s}.{k}", ".3f") for s in ("dev", "test")
            for k in ("average_precision", "triplet_accuracy")))
-        for variant, label in (("with_near_miss_negatives", "with"), ("without_near_miss_negatives", "without"))
+        for variant, label in ablation_arms()
     )  # fmt: skip
     header = ("model", "natural dev AP", "natural dev accuracy", "natural test AP", "natural test accuracy")
     return Table("Near-miss negatives and natural queries (all domains)", header, rows)
