@@ -7,8 +7,8 @@ It is built from the base model's own weights (a fresh one-logit head on the fir
 - the natural traffic train set (``data/natural/traffic/train/``, written apart from dev and test),
   when ``verifier.natural_pairs``: re-asks of one question are 1 (original with re-ask, re-ask with
   re-ask); each near-miss against its original and every re-ask is 0; each re-ask and near-miss
-  against the most word-sharing text of another group in its domain, and against the one nearest
-  by the base model's cosine, is 0 (what a cache retrieves for a question it has not seen);
+  against the most word-sharing text of another group in its domain is 0 (what a cache retrieves
+  for a question it has not seen);
 - every domain's generated train split, up to ``verifier.max_pairs``: (anchor, positive) is a re-ask
   (1); (anchor, negative) is not (0), the negatives holding near-miss edits (a
   ``verifier.near_miss_fraction`` share of anchors, drawn as ``generate`` draws them) beside
@@ -58,12 +58,11 @@ def row_pairs(row: dict[str, Any]) -> list[tuple[str, str, int]]:
     return pairs
 
 
-def group_pairs(groups: list[AnswerGroup], vectors: dict[str, np.ndarray] | None = None) -> list[tuple[str, str, int]]:
+def group_pairs(groups: list[AnswerGroup]) -> list[tuple[str, str, int]]:
     """(text, text, label) pairs of one domain's traffic answer groups: the original with each re-ask
     and the re-asks with each other are 1; each near-miss with the original and with each re-ask is
     0; each re-ask and near-miss with the text of another group that shares most words with it
-    (Jaccard) is 0, and, given ``vectors`` (the base model's embeddings), with the text of another
-    group nearest by cosine: what a cache retrieves for a question it has not seen."""
+    (Jaccard) is 0: what a cache retrieves for a question it has not seen."""
     pairs: list[tuple[str, str, int]] = []
     for g in groups:
         asks = [g.original, *g.reasks]
@@ -71,46 +70,24 @@ def group_pairs(groups: list[AnswerGroup], vectors: dict[str, np.ndarray] | None
         pairs += [(miss, a, 0) for miss, _ in g.near_misses for a in asks]
     owner = {t: g.group_id for g in groups for t in g.texts}
     vocabulary = {t: words(t) for t in owner}
-    by_cosine = nearest_other_group(owner, vectors) if vectors is not None else {}
     met: set[frozenset[str]] = set()
     for g in groups:
         others = [t for t in owner if owner[t] != g.group_id]
         for text in g.texts[1:] if others else ():
             mine = vocabulary[text]
-            by_words = max(others, key=lambda t: (len(mine & vocabulary[t]) / len(mine | vocabulary[t]), t))
-            for nearest in (by_words, by_cosine.get(text)):
-                pair = frozenset((text, nearest))
-                if nearest is not None and pair not in met:  # two texts each other's nearest: one pair
-                    met.add(pair)
-                    pairs.append((text, nearest, 0))
+            nearest = max(others, key=lambda t: (len(mine & vocabulary[t]) / len(mine | vocabulary[t]), t))
+            pair = frozenset((text, nearest))
+            if pair not in met:  # two texts each other's nearest: one pair
+                met.add(pair)
+                pairs.append((text, nearest, 0))
     return pairs
-
-
-def nearest_other_group(owner: dict[str, str], vectors: dict[str, np.ndarray]) -> dict[str, str]:
-    """For each text (``owner``: text -> its group), the text of another group nearest by cosine."""
-    texts = list(owner)
-    if len(set(owner.values())) < 2:
-        return {}
-    matrix = np.stack([vectors[t] for t in texts])
-    sims = matrix @ matrix.T
-    groups = np.array([owner[t] for t in texts])
-    sims[groups[:, None] == groups[None, :]] = -np.inf
-    return {t: texts[int(j)] for t, j in zip(texts, sims.argmax(axis=1), strict=True)}
-
-
-def base_vectors(params: Params, groups: list[AnswerGroup]) -> dict[str, np.ndarray]:
-    """The base model's embeddings of every text of ``groups`` (the cache's retrieval, at its window)."""
-    from cachelora.base_model import encode_unique, load_base
-
-    model = load_base(params.base_model, max_seq_length=params.train.max_seq_length)
-    return encode_unique(model, sorted({t for g in groups for t in g.texts}), 64, desc="verifier pairs")
 
 
 def with_verifier_near_misses(rows: list[dict[str, Any]], params: Params) -> list[dict[str, Any]]:
     """The train splits' rows, a ``verifier.near_miss_fraction`` share of them with a lexicon near-miss
     edit of the anchor as the negative, drawn as ``generate`` draws them (the seed and the row's id),
     so the verifier learns the same edits whatever ``generate.near_miss_fraction`` gave the adapters.
-    Rows that already hold a near-miss keep it; the order is kept."""
+    Rows already edited (``near_miss_of``) keep their edit; the order is kept."""
     from cachelora.lexicon import load_lexicons
     from cachelora.near_miss import with_near_misses
     from cachelora.splitting import SplitPlan
@@ -178,13 +155,12 @@ def train_verifier(
     rows = with_verifier_near_misses([row for f in files for row in read_triplets(f)], params)
     natural: list[tuple[str, str, int]] = []
     if vp.natural_pairs:
-        by_domain = {d: read_traffic(traffic_file(TRAIN_SET, d), d) for d in params.domains}
-        for d, groups in by_domain.items():
-            check_traffic(groups, str(traffic_file(TRAIN_SET, d)), params.traffic.min_groups)
-        vectors = base_vectors(params, [g for groups in by_domain.values() for g in groups])
-        for d, groups in by_domain.items():
-            natural += group_pairs(groups, vectors)
-            files.append(traffic_file(TRAIN_SET, d))
+        for d in params.domains:
+            path = traffic_file(TRAIN_SET, d)
+            groups = read_traffic(path, d)
+            check_traffic(groups, str(path), params.traffic.min_groups)
+            natural += group_pairs(groups)
+            files.append(path)
     pairs = training_pairs(rows, vp.max_pairs, vp.seed, natural)
     model = new_cross_encoder(params)
     loss_fn = BinaryCrossEntropyLoss(model)
