@@ -59,8 +59,8 @@ def main() -> None:
     from cachelora.params import load_params
     from cachelora.records import read_json
     from cachelora.traffic import read_traffic_sets
-    from cachelora.traffic_evaluation import WITH_VERIFIER, replay_model, traffic_replays
-    from cachelora.verifier import load_verifier, scorer
+    from cachelora.traffic_replay import WITH_VERIFIER, replay_model, traffic_replays
+    from cachelora.verifier_model import load_verifier, scorer
     from cachelora.verify import dir_md5
 
     params = load_params()

@@ -29,8 +29,9 @@ def main() -> None:
     from cachelora.params import load_params
     from cachelora.records import read_json
     from cachelora.traffic import read_traffic_sets
-    from cachelora.traffic_evaluation import WITH_VERIFIER, replay_model, traffic_replays
-    from cachelora.verifier import load_verifier, save_verifier, scorer, train_verifier, verifier_dir
+    from cachelora.traffic_replay import WITH_VERIFIER, replay_model, traffic_replays
+    from cachelora.verifier import save_verifier, train_verifier
+    from cachelora.verifier_model import load_verifier, scorer, verifier_dir
     from cachelora.verify import dir_md5
 
     params = load_params()

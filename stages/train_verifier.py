@@ -8,14 +8,8 @@ from cachelora.params import load_params
 from cachelora.records import write_json
 from cachelora.training_log import training_log
 from cachelora.triplets import read_triplets
-from cachelora.verifier import (
-    VERIFIER,
-    pair_quality,
-    save_verifier,
-    train_verifier,
-    verifier_dir,
-    with_verifier_near_misses,
-)
+from cachelora.verifier import pair_quality, save_verifier, train_verifier, with_verifier_near_misses
+from cachelora.verifier_model import VERIFIER, verifier_dir
 
 
 @click.command()

@@ -199,6 +199,29 @@ def test_deploy_on_natural_dev_picks_the_best_natural_dev_hit_rate_and_never_rea
     assert models_metrics(models, 0.95, 100, 0, deploy_on="natural_dev")["deploy"]["model"] == "multi"
 
 
+def traffic_dev(rate: float, test_rate: float) -> dict:
+    """A model's traffic replay with the verifier: its dev re-ask hit rate, and a test one (never read)."""
+    return {"settings": {}, "dev": {ALL: {"reask_hit_rate": rate}}, "test": {ALL: {"reask_hit_rate": test_rate}}}
+
+
+def test_deploy_on_traffic_dev_picks_the_most_traffic_dev_reasks_and_never_reads_a_test_set():
+    correct = [True, True, True, False]
+    models = {  # baseline wins on val and natural dev; multi answers more traffic-dev re-asks
+        "baseline": with_natural(scored([0.9, 0.8, 0.75, 0.7], [0.1] * 4, correct), [0.9] * 4, [0.9] * 4, correct),
+        "multi": with_natural(scored([0.9, 0.8, 0.2, 0.85], [0.1] * 4, correct), [0.1] * 4, [0.1] * 4, correct),
+    }
+    traffic = {"baseline": traffic_dev(0.30, 0.90), "multi": traffic_dev(0.45, 0.10)}
+    result = models_metrics(models, 0.95, 100, 0, deploy_on="traffic_dev", traffic_dev=traffic)
+    assert result["deploy"]["model"] == "multi" and result["deploy"]["chosen_on"] == "traffic_dev"
+    assert result["deploy"]["ranking"] == {"baseline": 0.30, "multi": 0.45}
+    assert result["multi"]["traffic_dev"] == traffic["multi"]  # the figures that chose it, kept per model
+    assert models_metrics(models, 0.95, 100, 0, deploy_on="natural_dev")["deploy"]["model"] == "baseline"
+    traffic["baseline"] = traffic_dev(0.45, 0.0)  # a tie goes to val's hit rate (baseline's 0.75)
+    assert models_metrics(models, 0.95, 100, 0, deploy_on="traffic_dev", traffic_dev=traffic)["deploy"]["model"] == (
+        "baseline"
+    )
+
+
 def test_a_reference_model_is_scored_but_never_deployed():
     models = {
         "baseline": scored([0.9, 0.8, 0.75, 0.7], [0.9, 0.8, 0.7, 0.6], [True, True, True, False]),

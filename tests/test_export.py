@@ -155,7 +155,7 @@ def test_the_verifier_ships_beside_the_model_it_was_calibrated_with(in_tmp: Path
     verifier = in_tmp / "trained_verifier"
     verifier.mkdir()
     (verifier / "config.json").write_text("{}")
-    monkeypatch.setattr("cachelora.verifier.verifier_dir", lambda: verifier)
+    monkeypatch.setattr("cachelora.verifier_model.verifier_dir", lambda: verifier)
     monkeypatch.setattr(export, "_load", lambda name: (SavesOneFile(), {}, None))
     monkeypatch.setattr(export, "shipped_thresholds", lambda metrics, name: {"global": {"threshold": 0.9}})
     monkeypatch.setattr(export, "semantic_router_snippet", lambda name, thresholds: "")

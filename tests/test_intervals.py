@@ -8,8 +8,8 @@ import pytest
 
 from cachelora.intervals import Ratio, group_bootstrap, paired
 from cachelora.traffic import AnswerGroup
-from cachelora.traffic_evaluation import outcome_ratios, traffic_headline, traffic_replays
-from cachelora.traffic_replay import TrafficReplay, figures
+from cachelora.traffic_evaluation import outcome_ratios, traffic_headline
+from cachelora.traffic_replay import TrafficReplay, figures, traffic_replays
 from tests.conftest import tiny_params
 
 GROUPS = np.repeat(np.arange(20).astype(str), 5)  # 20 groups of 5 lookups

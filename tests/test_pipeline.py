@@ -449,6 +449,9 @@ def test_exported_model_matches_base_plus_adapter(pipeline):
     assert f"exported {metrics['deploy']['model']} to deployed" in default
     traffic = json.loads((repo / "metrics/traffic.json").read_text())
     assert traffic["shipped"]["model"] == metrics["deploy"]["model"]
+    chosen_by = metrics["deploy"]["ranking"][metrics["deploy"]["model"]]  # evaluate's traffic-dev replay that chose it
+    assert metrics["deploy"]["chosen_on"] == "traffic_dev" and chosen_by == max(metrics["deploy"]["ranking"].values())
+    assert chosen_by == traffic["shipped"]["dev"]["all"]["reask_hit_rate"]  # = what the traffic stage measures
     alone = traffic["models"][metrics["deploy"]["model"]]["shipped_thresholds"]["test"]["law"]
     law = deployed["thresholds"]["per_domain"]["law"]["router_alone_traffic_test"]
     assert law["near_miss_wrong_hit_rate"] == alone["near_miss_wrong_hit_rate"]

@@ -6,8 +6,15 @@ import numpy as np
 import pytest
 
 from cachelora.traffic import NEAR_MISS, ORIGINAL, REASK, AnswerGroup
-from cachelora.traffic_evaluation import EMBEDDING, WITH_VERIFIER, replay_model, traffic_replays
-from cachelora.traffic_replay import TrafficReplay, calibrate, figures
+from cachelora.traffic_replay import (
+    EMBEDDING,
+    WITH_VERIFIER,
+    TrafficReplay,
+    calibrate,
+    figures,
+    replay_model,
+    traffic_replays,
+)
 from tests.conftest import tiny_params
 
 

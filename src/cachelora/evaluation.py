@@ -40,6 +40,7 @@ CHOSEN_ON = "val"
 # How a cache does on natural queries at a threshold chosen on natural ones: the natural dev set's
 # operating point, reported on the natural test set (in-sample on natural dev itself).
 NATURAL_CHOSEN_ON = "natural_dev"
+TRAFFIC_DEV = "traffic_dev"  # deploy_on: traffic dev's re-ask hit rate with the verifier
 NATURAL_OP = "replay_natural_op"
 # The thresholds a cache ships: per domain the lowest natural-dev threshold whose one-sided 95 %
 # Clopper-Pearson lower bound on hit precision reaches the target (else the pooled one), and every
@@ -367,18 +368,25 @@ def own_point_hit_rate(entry: dict[str, Any], set_name: str) -> float:
     return entry[CHOSEN_ON][ALL]["hit_rate"] if set_name == CHOSEN_ON else entry[set_name][ALL][NATURAL_OP]["hit_rate"]
 
 
+def traffic_dev_rate(entry: dict[str, Any]) -> float:
+    """A model's traffic-dev re-ask hit rate with the verifier, every domain at its dev-chosen setting."""
+    return entry[TRAFFIC_DEV]["dev"][ALL]["reask_hit_rate"]
+
+
 def choose_deploy(
     result: dict[str, Any], models: list[str], deploy_on: str = CHOSEN_ON, target_precision: float = 0.95
 ) -> dict[str, Any]:
-    """The model with the best cross-domain cache hit rate on ``deploy_on`` at that set's own operating
-    point (ties: val's, then the earlier model), with the thresholds it ships and the figures measured
-    at exactly those thresholds. It ships its natural-dev calibrated thresholds (a Clopper-Pearson
-    bound on hit precision: ``guarantee``) where the natural dev set was scored, else its val ones."""
+    """The model with the best cross-domain cache hit rate on ``deploy_on``: at that set's own operating
+    point (val, natural dev), or, on traffic dev, the re-ask hit rate of the cache with the verifier at
+    the settings chosen there (ties: val's hit rate, then the earlier model); with the thresholds it
+    ships and the figures measured at exactly those thresholds. It ships its natural-dev calibrated
+    thresholds (a Clopper-Pearson bound on hit precision: ``guarantee``) where the natural dev set was
+    scored, else its val ones."""
 
-    def rank(m: str) -> tuple[float, float, int]:
-        return own_point_hit_rate(result[m], deploy_on), own_point_hit_rate(result[m], CHOSEN_ON), -models.index(m)
+    def on_deploy_set(m: str) -> float:
+        return traffic_dev_rate(result[m]) if deploy_on == TRAFFIC_DEV else own_point_hit_rate(result[m], deploy_on)
 
-    best = max(models, key=rank)
+    best = max(models, key=lambda m: (on_deploy_set(m), own_point_hit_rate(result[m], CHOSEN_ON), -models.index(m)))
     entry = result[best]
     figures = ("threshold", "hit_rate", "hit_precision", "false_hit_rate")
     domains = [g for g in entry[CHOSEN_ON] if g != ALL]
@@ -406,6 +414,7 @@ def choose_deploy(
     return {
         "model": best,
         "chosen_on": deploy_on,
+        "ranking": {m: round(on_deploy_set(m), 6) for m in models},
         "threshold": shipped_threshold(entry, ALL),
         "per_domain_thresholds": {d: shipped_threshold(entry, d) for d in domains},
         **shipped,
@@ -426,6 +435,8 @@ def pipeline_metrics(params: Params) -> tuple[dict[str, Any], dict[str, dict[str
     sets = pipeline_sets(params)
     checked = contamination(params, sets)
     scored = score_models(loaders, sets, ep.batch_size)
+    candidates = [name for name in loaders if name not in ep.reference_models]
+    traffic = traffic_dev_replays(params, candidates) if ep.deploy_on == TRAFFIC_DEV else None
     result: dict[str, Any] = {
         "base_model": {"name": params.base_model, "sha256": model_sha256(params.base_model)},
         "references": {name: {"sha256": model_sha256(name)} for name in ep.reference_models},
@@ -433,10 +444,33 @@ def pipeline_metrics(params: Params) -> tuple[dict[str, Any], dict[str, dict[str
         "contamination": checked,
     }
     result.update(
-        models_metrics(scored, ep.target_precision, ep.bootstrap, ep.seed, tuple(ep.reference_models), ep.deploy_on)
+        models_metrics(
+            scored, ep.target_precision, ep.bootstrap, ep.seed, tuple(ep.reference_models), ep.deploy_on, traffic
+        )
     )
     result["headline"] = natural_headline(scored, result, ep.bootstrap, ep.seed)
     return result, scored
+
+
+def traffic_dev_replays(params: Params, names: list[str]) -> dict[str, dict[str, Any]]:
+    """Each model's traffic-dev replay with the verifier (``models/verifier``), every domain at the
+    setting chosen there: the most re-asks answered at hit precision >= ``evaluate.target_precision``.
+    On CPU, as the ``traffic`` stage replays (and ships) the deploy model."""
+    from cachelora.base_model import encode_unique
+    from cachelora.traffic import read_traffic, traffic_file
+    from cachelora.traffic_replay import WITH_VERIFIER, replay_model, traffic_replays
+    from cachelora.verifier_model import load_verifier, scorer
+
+    dev = {"dev": {d: read_traffic(traffic_file("dev", d), d) for d in params.domains}}
+    texts = sorted({t for groups in dev["dev"].values() for g in groups for t in g.texts})
+    verify = scorer(load_verifier(), params.evaluate.batch_size)
+    adapters = {name: paths.model_dir(name) for name in names if name != BASELINE}
+    loaders = model_loaders(params.base_model, adapters, max_seq_length=params.train.max_seq_length)
+    out = {}
+    for name, load in loaders.items():
+        vectors = encode_unique(load(), texts, params.evaluate.batch_size, desc=f"traffic dev {name}")
+        out[name] = replay_model(traffic_replays(vectors, dev, params, verify), params, verify, None)[WITH_VERIFIER]
+    return out
 
 
 def reference_loaders(params: Params) -> dict[str, Callable[[], Any]]:
@@ -482,10 +516,12 @@ def models_metrics(
     seed: int,
     references: tuple[str, ...] = (),
     deploy_on: str = CHOSEN_ON,
+    traffic_dev: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Each model's operating points chosen on val and its metrics on every reported set at exactly
-    those thresholds, then the ``deploy`` choice (made on ``deploy_on``, val or natural dev, never a
-    test set, among models that are not ``references``)."""
+    those thresholds, then the ``deploy`` choice (made on ``deploy_on``, val, natural dev or traffic
+    dev, never a test set, among models that are not ``references``). ``traffic_dev``: each
+    candidate's traffic-dev replay with the verifier (:func:`traffic_dev_replays`), kept per model."""
     result: dict[str, Any] = {}
     for name, by_set in scored.items():
         chosen = operating_points(by_set[CHOSEN_ON], target_precision)
@@ -512,6 +548,8 @@ def models_metrics(
             },
         }
     candidates = [name for name in scored if name not in references]
+    for name in candidates if deploy_on == TRAFFIC_DEV else ():
+        result[name][TRAFFIC_DEV] = traffic_dev[name]  # type: ignore[index]
     result["deploy"] = choose_deploy(result, candidates, deploy_on, target_precision)
     return result
 

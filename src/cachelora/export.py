@@ -349,7 +349,7 @@ def _write_export(
     """Write the export into a temp directory beside ``out`` and rename it into place."""
     import shutil
 
-    from cachelora.verifier import verifier_dir
+    from cachelora.verifier_model import verifier_dir
 
     with atomic_dir(out) as tmp:
         model.save(str(tmp))

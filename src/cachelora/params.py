@@ -154,9 +154,11 @@ class EvaluateParams(_Strict):
     cost_repeats: int = Field(3, ge=1)  # timed passes per batch size (the median is reported)
     # A generated val/test split larger than this is scored on a seeded sample of it (0 = every row).
     max_triplets_per_domain: int = Field(1000, ge=0)
-    # The set whose cross-domain cache hit rate, at that set's own operating point, picks the deploy
-    # model (ties: val's hit rate, then the earlier model): natural_dev asks how people type.
-    deploy_on: Literal["val", "natural_dev"] = "natural_dev"
+    # The set that picks the deploy model (ties: val's hit rate, then the earlier model): val or
+    # natural_dev by the cross-domain cache hit rate at that set's own operating point (natural_dev
+    # asks how people type); traffic_dev by the re-asks the cache answers with the verifier, at the
+    # settings chosen there (it asks what the shipped two-stage cache does with near-misses).
+    deploy_on: Literal["val", "natural_dev", "traffic_dev"] = "natural_dev"
     threads: int = Field(1, ge=0)  # CPU threads for torch in evaluate and traffic (0 = torch's default)
 
 

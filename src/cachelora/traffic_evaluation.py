@@ -49,15 +49,20 @@ from cachelora.traffic import (
     texts_of,
     traffic_file,
 )
-from cachelora.traffic_replay import Outcome, TrafficReplay, Verifier, calibrate, figures
+from cachelora.traffic_replay import (
+    WITH_VERIFIER,
+    Outcome,
+    TrafficReplay,
+    pooled,
+    replay_model,
+    traffic_replays,
+)
 from cachelora.triplets import read_triplets
 
 log = logging.getLogger(__name__)
 
 TRAFFIC_JSON = paths.METRICS_DIR / "traffic.json"
 TRAFFIC_COST_JSON = paths.METRICS_DIR / "traffic_cost.json"  # timings of this run (apart from traffic.json)
-# shipped_thresholds: the embedding thresholds the router ships (eval.json: natural-dev calibrated), alone
-EMBEDDING, WITH_VERIFIER, SHIPPED = "embedding", "with_verifier", "shipped_thresholds"
 
 
 def contamination(params: Params, sets: dict[str, dict[str, list[AnswerGroup]]]) -> dict[str, int]:
@@ -89,68 +94,9 @@ def contamination(params: Params, sets: dict[str, dict[str, list[AnswerGroup]]])
     return counts
 
 
-def pooled(outcomes: list[Outcome]) -> Outcome:
-    """Every domain's lookups together (each domain replayed in its own partition)."""
-    fields = ("kind", "candidate", "hit", "right", "group")
-    return Outcome(*(np.concatenate([getattr(o, f) for o in outcomes]) for f in fields))
-
-
 def shipped_embedding_thresholds(model: dict[str, Any], groups: list[str]) -> dict[str, float] | None:
     """The embedding thresholds a model ships per group (natural-dev calibrated, else val's), or None."""
     return {g: shipped_threshold(model, g) for g in groups} if model.get("calibrated") or model.get("val") else None
-
-
-def traffic_replays(
-    vectors: dict[str, np.ndarray],
-    sets: dict[str, dict[str, list[AnswerGroup]]],
-    params: Params,
-    verifier: Verifier | None,
-) -> dict[str, dict[str, TrafficReplay]]:
-    """One model's replay of each set's domains (each a partition of its own), the stream seeded per set and domain."""
-    seed = params.traffic.seed
-    return {
-        s: {d: TrafficReplay.of(groups, vectors, f"{seed}:{s}:{d}", verifier) for d, groups in by_domain.items()}
-        for s, by_domain in sets.items()
-    }
-
-
-def replay_model(
-    replays: dict[str, dict[str, TrafficReplay]],
-    params: Params,
-    verifier: Verifier | None,
-    shipped: dict[str, float] | None,
-    pooled_setting: bool = False,
-) -> dict[str, Any]:
-    """One model's figures on both sets: at dev-chosen settings without and with the verifier, and at
-    the embedding thresholds it ships to the router (when given: natural-dev calibrated, else val's).
-    ``pooled_setting`` also chooses one setting for every domain together (``all``: the shipped
-    model's global threshold)."""
-    tp, target = params.traffic, params.evaluate.target_precision
-    result: dict[str, Any] = {}
-    modes = [EMBEDDING] + ([WITH_VERIFIER] if verifier is not None else [])
-    for mode in modes:
-        settings = {}
-        for d, replay in [*replays["dev"].items(), *([(ALL, None)] if pooled_setting else [])]:
-            chosen = [replay] if replay is not None else list(replays["dev"].values())
-            t, v, found = calibrate(chosen, target, mode == WITH_VERIFIER)
-            settings[d] = {"threshold": round(t, 6), "verifier_threshold": v, **found}
-        result[mode] = _at(replays, settings, tp.near_miss_share)
-    if shipped is not None:
-        settings = {d: {"threshold": shipped[d], "verifier_threshold": None} for d in [*replays["dev"], ALL]}
-        result[SHIPPED] = _at(replays, settings, tp.near_miss_share)
-    return result
-
-
-def _at(
-    replays: dict[str, dict[str, TrafficReplay]], settings: dict[str, dict[str, Any]], share: float
-) -> dict[str, Any]:
-    """Per domain: its settings and each set's figures at them; ``all`` pools every domain's lookups."""
-    out: dict[str, Any] = {"settings": settings}
-    for s, by_domain in replays.items():
-        outcomes = {d: r.run(settings[d]["threshold"], settings[d]["verifier_threshold"]) for d, r in by_domain.items()}
-        out[s] = {d: figures(o, share) for d, o in outcomes.items()}
-        out[s][ALL] = figures(pooled(list(outcomes.values())), share)
-    return out
 
 
 def outcome_ratios(outcome: Outcome) -> dict[str, Ratio]:
@@ -228,7 +174,7 @@ def lookup_costs(models: dict[str, Any], embed_ms: dict[str, float], verify_ms: 
 def pipeline_traffic(params: Params) -> dict[str, Any]:
     """Check the traffic sets, replay every model on them, and write ``metrics/traffic.json``."""
     from cachelora.base_model import encode_unique, use_threads
-    from cachelora.verifier import load_verifier, scorer
+    from cachelora.verifier_model import load_verifier, scorer
 
     use_threads(params.evaluate.threads)
     sets = read_traffic_sets(params.domains)
@@ -244,14 +190,16 @@ def pipeline_traffic(params: Params) -> dict[str, Any]:
     loaders.update(reference_loaders(params))
     verifier_model = load_verifier()
     verify = scorer(verifier_model, params.evaluate.batch_size)
-    texts = sorted({t for by in sets.values() for groups in by.values() for g in groups for t in g.texts})
     timing_queries = [t for by in sets["test"].values() for g in by for t in g.reasks[:1]][:64]
     models: dict[str, Any] = {}
     replays: dict[str, dict[str, dict[str, TrafficReplay]]] = {}
     embed_ms: dict[str, float] = {}
     for name, load in loaders.items():
         model = load()
-        vectors = encode_unique(model, texts, params.evaluate.batch_size, desc=f"traffic {name}")
+        vectors: dict[str, np.ndarray] = {}
+        for s, by in sets.items():  # each set alone: dev's vectors are those evaluate's deploy choice replayed
+            texts = sorted({t for groups in by.values() for g in groups for t in g.texts})
+            vectors |= encode_unique(model, texts, params.evaluate.batch_size, desc=f"traffic {s} {name}")
         thresholds = shipped_embedding_thresholds(eval_metrics.get(name, {}), [*params.domains, ALL])
         log.info("traffic replay: %s", name)
         replays[name] = traffic_replays(vectors, sets, params, verify)

@@ -16,10 +16,14 @@ from typing import Any
 
 import numpy as np
 
+from cachelora.calibration import POOLED
+from cachelora.params import Params
 from cachelora.traffic import NEAR_MISS, ORIGINAL, REASK, AnswerGroup, Lookup, stream
 
 Verifier = Callable[[list[tuple[str, str]]], np.ndarray]  # (query, cached query) pairs -> scores
 EMBEDDING_GRID = np.round(np.arange(0.30, 1.0001, 0.02), 4)
+# shipped_thresholds: the embedding thresholds the router ships (eval.json: natural-dev calibrated), alone
+EMBEDDING, WITH_VERIFIER, SHIPPED = "embedding", "with_verifier", "shipped_thresholds"
 VERIFIER_GRID = np.round(np.r_[np.arange(0.1, 0.9, 0.04), 0.9, 0.95, 0.98], 4)
 
 
@@ -158,3 +162,62 @@ def calibrate(
     if best is None:
         return float(np.nextafter(1.0, 2.0)), (1.0 if with_verifier else None), {"feasible": False}
     return best[1], best[2], {"feasible": True}
+
+
+def pooled(outcomes: list[Outcome]) -> Outcome:
+    """Every domain's lookups together (each domain replayed in its own partition)."""
+    fields = ("kind", "candidate", "hit", "right", "group")
+    return Outcome(*(np.concatenate([getattr(o, f) for o in outcomes]) for f in fields))
+
+
+def traffic_replays(
+    vectors: dict[str, np.ndarray],
+    sets: dict[str, dict[str, list[AnswerGroup]]],
+    params: Params,
+    verifier: Verifier | None,
+) -> dict[str, dict[str, TrafficReplay]]:
+    """One model's replay of each set's domains (each a partition of its own), the stream seeded per set and domain."""
+    seed = params.traffic.seed
+    return {
+        s: {d: TrafficReplay.of(groups, vectors, f"{seed}:{s}:{d}", verifier) for d, groups in by_domain.items()}
+        for s, by_domain in sets.items()
+    }
+
+
+def replay_model(
+    replays: dict[str, dict[str, TrafficReplay]],
+    params: Params,
+    verifier: Verifier | None,
+    shipped: dict[str, float] | None,
+    pooled_setting: bool = False,
+) -> dict[str, Any]:
+    """One model's figures on both sets: at dev-chosen settings without and with the verifier, and at
+    the embedding thresholds it ships to the router (when given: natural-dev calibrated, else val's).
+    ``pooled_setting`` also chooses one setting for every domain together (``all``: the shipped
+    model's global threshold)."""
+    tp, target = params.traffic, params.evaluate.target_precision
+    result: dict[str, Any] = {}
+    modes = [EMBEDDING] + ([WITH_VERIFIER] if verifier is not None else [])
+    for mode in modes:
+        settings = {}
+        for d, replay in [*replays["dev"].items(), *([(POOLED, None)] if pooled_setting else [])]:
+            chosen = [replay] if replay is not None else list(replays["dev"].values())
+            t, v, found = calibrate(chosen, target, mode == WITH_VERIFIER)
+            settings[d] = {"threshold": round(t, 6), "verifier_threshold": v, **found}
+        result[mode] = _at(replays, settings, tp.near_miss_share)
+    if shipped is not None:
+        settings = {d: {"threshold": shipped[d], "verifier_threshold": None} for d in [*replays["dev"], POOLED]}
+        result[SHIPPED] = _at(replays, settings, tp.near_miss_share)
+    return result
+
+
+def _at(
+    replays: dict[str, dict[str, TrafficReplay]], settings: dict[str, dict[str, Any]], share: float
+) -> dict[str, Any]:
+    """Per domain: its settings and each set's figures at them; ``all`` pools every domain's lookups."""
+    out: dict[str, Any] = {"settings": settings}
+    for s, by_domain in replays.items():
+        outcomes = {d: r.run(settings[d]["threshold"], settings[d]["verifier_threshold"]) for d, r in by_domain.items()}
+        out[s] = {d: figures(o, share) for d, o in outcomes.items()}
+        out[s][POOLED] = figures(pooled(list(outcomes.values())), share)
+    return out

@@ -38,14 +38,9 @@ from cachelora.records import file_md5
 from cachelora.traffic import TRAIN_SET, AnswerGroup, check_traffic, read_traffic, traffic_file, words
 from cachelora.training_log import TrainingLog
 from cachelora.triplets import read_triplets
+from cachelora.verifier_model import VERIFIER, load_verifier, scorer
 
 log = logging.getLogger(__name__)
-
-VERIFIER = "verifier"
-
-
-def verifier_dir() -> Path:
-    return paths.MODELS_DIR / VERIFIER
 
 
 def row_pairs(row: dict[str, Any]) -> list[tuple[str, str, int]]:
@@ -206,26 +201,6 @@ def train_verifier(
     if step_log is not None:
         step_log.settings({"device": "cpu", "threads": torch.get_num_threads(), "steps": steps, "pairs": len(pairs)})
     return model, info, run, history
-
-
-def load_verifier(path: str | Path = "") -> Any:
-    """The trained verifier from ``path`` (default ``models/verifier``), on CPU, in eval mode."""
-    from sentence_transformers.cross_encoder import CrossEncoder
-
-    model = CrossEncoder(str(path or verifier_dir()), device="cpu")
-    model.eval()
-    return model
-
-
-def scorer(model: Any, batch_size: int = 64) -> Any:
-    """(query, cached) pairs -> probabilities that the cached answer serves the query."""
-
-    def score(pairs: list[tuple[str, str]]) -> np.ndarray:
-        if not pairs:
-            return np.zeros(0)
-        return np.asarray(model.predict(pairs, batch_size=batch_size, show_progress_bar=False), dtype=np.float64)
-
-    return score
 
 
 def pair_quality(model: Any, rows: list[dict[str, Any]], batch_size: int = 64) -> dict[str, Any]:
