@@ -84,6 +84,7 @@ def main() -> None:
         sets = read_traffic_sets(params.domains)
         texts = sorted({t for by in sets.values() for gs in by.values() for g in gs for t in g.texts})
         verify = scorer(load_verifier(), params.evaluate.batch_size)
+        settings = (params.evaluate.target_precision, params.traffic.near_miss_share)
         variants = {}
         for name, adapter in trained.items():
             model = model_loaders(params.base_model, {args.model: adapter}, max_seq_length=params.train.max_seq_length)[
@@ -92,7 +93,9 @@ def main() -> None:
             vectors = encode_unique(model, texts, params.evaluate.batch_size, desc=f"ablation {name}")
             variants[f"{name}_near_miss_negatives"] = {
                 "adapter_md5": dir_md5(adapter),
-                "traffic": replay_model(traffic_replays(vectors, sets, params, verify), params, verify, None),
+                "traffic": replay_model(
+                    traffic_replays(vectors, sets, params.traffic.seed, verify), *settings, verify, None
+                ),
                 "natural": natural_quality(model, params),
             }
         result = {

@@ -53,7 +53,8 @@ def main() -> None:
         result = {"model": deploy, "changed": {"verifier.natural_pairs": [params.verifier.natural_pairs, False]}}
         for name, folder in verifiers.items():
             verify = scorer(load_verifier(folder), params.evaluate.batch_size)
-            replay = replay_model(traffic_replays(vectors, sets, params, verify), params, verify, None)
+            settings = (params.evaluate.target_precision, params.traffic.near_miss_share)
+            replay = replay_model(traffic_replays(vectors, sets, params.traffic.seed, verify), *settings, verify, None)
             result[f"{name}_natural_pairs"] = {"verifier_md5": dir_md5(folder), "traffic": replay}
     table = [
         (f"{v} {s} {k}", f"{result[v]['traffic'][WITH_VERIFIER][s][ALL][k]:.3f}")

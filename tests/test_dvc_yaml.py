@@ -163,3 +163,14 @@ def test_every_input_a_stage_reads_is_one_the_report_header_names():
             if dep == "x" or dep in outs or dep.startswith(generated):
                 continue
             assert any(dep == i or dep.startswith(f"{i}/") for i in PIPELINE_INPUTS), (name, dep)
+
+
+def test_the_stated_near_miss_share_does_not_rerun_evaluate():
+    """evaluate replays traffic dev for the deploy choice, but only the stream's order reaches it."""
+
+    def reads_share(stage: dict) -> bool:
+        body = stage.get("do", stage)
+        return any(_key_covered("traffic.near_miss_share", [p]) for p in body.get("params", []) if isinstance(p, str))
+
+    assert "traffic.seed" in STAGES["evaluate"]["params"]
+    assert not reads_share(STAGES["evaluate"]) and reads_share(STAGES["traffic"])

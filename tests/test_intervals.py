@@ -76,7 +76,7 @@ def test_headline_traffic_figures_are_what_the_replay_reports():
     assert f["near_miss_wrong_hit_rate"] > 0 and 0 < f["reask_hit_rate"] < 1  # the check is not trivial
 
     params = tiny_params(evaluate={"reference_models": [], "bootstrap": 100})
-    replays = traffic_replays(vectors, {"test": {"medical": groups}}, params, None)["test"]
+    replays = traffic_replays(vectors, {"test": {"medical": groups}}, params.traffic.seed, None)["test"]
     settings = {"medical": {"threshold": 0.5, "verifier_threshold": None}}
     strict = {"medical": {"threshold": 0.99, "verifier_threshold": None}}
     headline = traffic_headline(replays, settings, replays, strict, params.evaluate)

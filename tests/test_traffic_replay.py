@@ -92,8 +92,9 @@ def test_settings_are_chosen_on_dev_and_only_reported_on_test() -> None:
     test_group = AnswerGroup("t1", "medical", "tx orig", ("tx reask",), (("tx near", "number"),))
     test_vectors = {"tx orig": unit(1, 0, 0), "tx reask": unit(0.7, 0.714, 0), "tx near": unit(0.9, 0, 0.436)}
     sets = {"dev": {"medical": [GROUP]}, "test": {"medical": [test_group]}}
-    replays = traffic_replays({**dev_vectors, **test_vectors}, sets, tiny_params(), None)
-    result = replay_model(replays, tiny_params(), None, None)
+    params = tiny_params()
+    replays = traffic_replays({**dev_vectors, **test_vectors}, sets, params.traffic.seed, None)
+    result = replay_model(replays, params.evaluate.target_precision, params.traffic.near_miss_share, None, None)
     chosen = result[EMBEDDING]["settings"]["medical"]
     assert chosen["feasible"] and 0.6 < chosen["threshold"] <= 0.8
     expected, _, _ = calibrate([TrafficReplay.of([GROUP], dev_vectors, "x")], 0.95, with_verifier=False)

@@ -469,7 +469,8 @@ def traffic_dev_replays(params: Params, names: list[str]) -> dict[str, dict[str,
     out = {}
     for name, load in loaders.items():
         vectors = encode_unique(load(), texts, params.evaluate.batch_size, desc=f"traffic dev {name}")
-        out[name] = replay_model(traffic_replays(vectors, dev, params, verify), params, verify, None)[WITH_VERIFIER]
+        replays = traffic_replays(vectors, dev, params.traffic.seed, verify)
+        out[name] = replay_model(replays, params.evaluate.target_precision, None, verify, None)[WITH_VERIFIER]
     return out
 
 

@@ -202,8 +202,15 @@ def pipeline_traffic(params: Params) -> dict[str, Any]:
             vectors |= encode_unique(model, texts, params.evaluate.batch_size, desc=f"traffic {s} {name}")
         thresholds = shipped_embedding_thresholds(eval_metrics.get(name, {}), [*params.domains, ALL])
         log.info("traffic replay: %s", name)
-        replays[name] = traffic_replays(vectors, sets, params, verify)
-        models[name] = replay_model(replays[name], params, verify, thresholds, pooled_setting=name == deploy)
+        replays[name] = traffic_replays(vectors, sets, params.traffic.seed, verify)
+        models[name] = replay_model(
+            replays[name],
+            params.evaluate.target_precision,
+            params.traffic.near_miss_share,
+            verify,
+            thresholds,
+            pooled_setting=name == deploy,
+        )
         embed_ms[name] = ms_per_query(model, timing_queries, batch_size=1, repeats=3)
     shipped = models[deploy][WITH_VERIFIER]
     pairs = [(g.reasks[0], g.original) for groups in sets["test"].values() for g in groups][:64]

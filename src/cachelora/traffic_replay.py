@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 
 from cachelora.calibration import POOLED
-from cachelora.params import Params
 from cachelora.traffic import NEAR_MISS, ORIGINAL, REASK, AnswerGroup, Lookup, stream
 
 Verifier = Callable[[list[tuple[str, str]]], np.ndarray]  # (query, cached query) pairs -> scores
@@ -115,18 +114,17 @@ class TrafficReplay:
         )
 
 
-def figures(outcome: Outcome, near_miss_share: float) -> dict[str, Any]:
+def figures(outcome: Outcome, near_miss_share: float | None) -> dict[str, Any]:
     """Re-ask hit rate (right hits / re-asks), near-miss wrong-hit rate (hits / near-misses), hit
     precision (right hits / hits; 1 when nothing hits), and the hit precision a cache would have if
-    ``near_miss_share`` of its repeat traffic were near-misses: (1-π)·r / ((1-π)·(r + r_wrong) + π·w)."""
+    ``near_miss_share`` of its repeat traffic were near-misses: (1-π)·r / ((1-π)·(r + r_wrong) + π·w)
+    (left out when ``near_miss_share`` is None)."""
     reask, near = outcome.kind == REASK, outcome.kind == NEAR_MISS
     hits, right = int(outcome.hit.sum()), int(outcome.right.sum())
     r = float(outcome.right[reask].mean()) if reask.any() else 0.0
     r_wrong = float((outcome.hit & ~outcome.right)[reask].mean()) if reask.any() else 0.0
     w = float(outcome.hit[near].mean()) if near.any() else 0.0
-    pi = near_miss_share
-    served = (1 - pi) * (r + r_wrong) + pi * w
-    return {
+    out = {
         "reasks": int(reask.sum()),
         "near_misses": int(near.sum()),
         "reask_hit_rate": round(r, 6),
@@ -137,8 +135,12 @@ def figures(outcome: Outcome, near_miss_share: float) -> dict[str, Any]:
         "right_hits": right,
         "candidates": int(outcome.candidate.sum()),
         "candidate_share": round(float(outcome.candidate.mean()), 6) if len(outcome.kind) else 0.0,
-        "precision_at_near_miss_share": round((1 - pi) * r / served, 6) if served else 1.0,
     }
+    if near_miss_share is not None:
+        pi = near_miss_share
+        served = (1 - pi) * (r + r_wrong) + pi * w
+        out["precision_at_near_miss_share"] = round((1 - pi) * r / served, 6) if served else 1.0
+    return out
 
 
 def calibrate(
@@ -173,11 +175,11 @@ def pooled(outcomes: list[Outcome]) -> Outcome:
 def traffic_replays(
     vectors: dict[str, np.ndarray],
     sets: dict[str, dict[str, list[AnswerGroup]]],
-    params: Params,
+    seed: int,
     verifier: Verifier | None,
 ) -> dict[str, dict[str, TrafficReplay]]:
-    """One model's replay of each set's domains (each a partition of its own), the stream seeded per set and domain."""
-    seed = params.traffic.seed
+    """One model's replay of each set's domains (each a partition of its own), the stream seeded
+    (``traffic.seed``) per set and domain."""
     return {
         s: {d: TrafficReplay.of(groups, vectors, f"{seed}:{s}:{d}", verifier) for d, groups in by_domain.items()}
         for s, by_domain in sets.items()
@@ -186,7 +188,8 @@ def traffic_replays(
 
 def replay_model(
     replays: dict[str, dict[str, TrafficReplay]],
-    params: Params,
+    target_precision: float,
+    near_miss_share: float | None,
     verifier: Verifier | None,
     shipped: dict[str, float] | None,
     pooled_setting: bool = False,
@@ -194,25 +197,24 @@ def replay_model(
     """One model's figures on both sets: at dev-chosen settings without and with the verifier, and at
     the embedding thresholds it ships to the router (when given: natural-dev calibrated, else val's).
     ``pooled_setting`` also chooses one setting for every domain together (``all``: the shipped
-    model's global threshold)."""
-    tp, target = params.traffic, params.evaluate.target_precision
+    model's global threshold). ``near_miss_share``: :func:`figures`' (None: that figure is left out)."""
     result: dict[str, Any] = {}
     modes = [EMBEDDING] + ([WITH_VERIFIER] if verifier is not None else [])
     for mode in modes:
         settings = {}
         for d, replay in [*replays["dev"].items(), *([(POOLED, None)] if pooled_setting else [])]:
             chosen = [replay] if replay is not None else list(replays["dev"].values())
-            t, v, found = calibrate(chosen, target, mode == WITH_VERIFIER)
+            t, v, found = calibrate(chosen, target_precision, mode == WITH_VERIFIER)
             settings[d] = {"threshold": round(t, 6), "verifier_threshold": v, **found}
-        result[mode] = _at(replays, settings, tp.near_miss_share)
+        result[mode] = _at(replays, settings, near_miss_share)
     if shipped is not None:
         settings = {d: {"threshold": shipped[d], "verifier_threshold": None} for d in [*replays["dev"], POOLED]}
-        result[SHIPPED] = _at(replays, settings, tp.near_miss_share)
+        result[SHIPPED] = _at(replays, settings, near_miss_share)
     return result
 
 
 def _at(
-    replays: dict[str, dict[str, TrafficReplay]], settings: dict[str, dict[str, Any]], share: float
+    replays: dict[str, dict[str, TrafficReplay]], settings: dict[str, dict[str, Any]], share: float | None
 ) -> dict[str, Any]:
     """Per domain: its settings and each set's figures at them; ``all`` pools every domain's lookups."""
     out: dict[str, Any] = {"settings": settings}
