@@ -51,9 +51,9 @@ def main() -> None:
         save_verifier(model, Path(tmp) / "verifier", info, [(texts[0], texts[1])])
         verifiers = {"with": verifier_dir(), "without": Path(tmp) / "verifier"}
         result = {"model": deploy, "changed": {"verifier.natural_pairs": [params.verifier.natural_pairs, False]}}
+        settings = (params.evaluate.target_precision, params.traffic.near_miss_share)
         for name, folder in verifiers.items():
             verify = scorer(load_verifier(folder), params.evaluate.batch_size)
-            settings = (params.evaluate.target_precision, params.traffic.near_miss_share)
             replay = replay_model(traffic_replays(vectors, sets, params.traffic.seed, verify), *settings, verify, None)
             result[f"{name}_natural_pairs"] = {"verifier_md5": dir_md5(folder), "traffic": replay}
     table = [

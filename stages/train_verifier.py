@@ -20,7 +20,9 @@ def main() -> None:
         model, info, run, _ = train_verifier(params, log)
         probe = [("is it safe to drive after a concussion", "can I drive the day after a concussion")] * 2
         save_verifier(model, verifier_dir(), info, probe)
-        val = {d: with_verifier_near_misses(read_triplets(paths.split_file(d, "val")), params) for d in params.domains}
+        rows = [row for d in params.domains for row in read_triplets(paths.split_file(d, "val"))]
+        edited = with_verifier_near_misses(rows, params)  # once: it loads every lexicon
+        val = {d: [row for row in edited if row["domain"] == d] for d in params.domains}
         quality = {d: pair_quality(model, rows) for d, rows in val.items()}
         quality["all"] = pair_quality(model, [r for rows in val.values() for r in rows])
         for key in ("roc_auc", "near_miss_roc_auc"):

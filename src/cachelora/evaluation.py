@@ -456,19 +456,17 @@ def traffic_dev_replays(params: Params, names: list[str]) -> dict[str, dict[str,
     """Each model's traffic-dev replay with the verifier (``models/verifier``), every domain at the
     setting chosen there: the most re-asks answered at hit precision >= ``evaluate.target_precision``.
     On CPU, as the ``traffic`` stage replays (and ships) the deploy model."""
-    from cachelora.base_model import encode_unique
     from cachelora.traffic import read_traffic, traffic_file
-    from cachelora.traffic_replay import WITH_VERIFIER, replay_model, traffic_replays
+    from cachelora.traffic_replay import WITH_VERIFIER, replay_model, traffic_replays, traffic_vectors
     from cachelora.verifier_model import load_verifier, scorer
 
     dev = {"dev": {d: read_traffic(traffic_file("dev", d), d) for d in params.domains}}
-    texts = sorted({t for groups in dev["dev"].values() for g in groups for t in g.texts})
     verify = scorer(load_verifier(), params.evaluate.batch_size)
     adapters = {name: paths.model_dir(name) for name in names if name != BASELINE}
     loaders = model_loaders(params.base_model, adapters, max_seq_length=params.train.max_seq_length)
     out = {}
     for name, load in loaders.items():
-        vectors = encode_unique(load(), texts, params.evaluate.batch_size, desc=f"traffic dev {name}")
+        vectors = traffic_vectors(load(), dev, params.evaluate.batch_size, name)
         replays = traffic_replays(vectors, dev, params.traffic.seed, verify)
         out[name] = replay_model(replays, params.evaluate.target_precision, None, verify, None)[WITH_VERIFIER]
     return out
@@ -549,8 +547,10 @@ def models_metrics(
             },
         }
     candidates = [name for name in scored if name not in references]
-    for name in candidates if deploy_on == TRAFFIC_DEV else ():
-        result[name][TRAFFIC_DEV] = traffic_dev[name]  # type: ignore[index]
+    if deploy_on == TRAFFIC_DEV:
+        assert traffic_dev is not None, "deploy_on traffic_dev needs each candidate's traffic-dev replay"
+        for name in candidates:
+            result[name][TRAFFIC_DEV] = traffic_dev[name]
     result["deploy"] = choose_deploy(result, candidates, deploy_on, target_precision)
     return result
 

@@ -56,6 +56,7 @@ from cachelora.traffic_replay import (
     pooled,
     replay_model,
     traffic_replays,
+    traffic_vectors,
 )
 from cachelora.triplets import read_triplets
 
@@ -173,7 +174,7 @@ def lookup_costs(models: dict[str, Any], embed_ms: dict[str, float], verify_ms: 
 
 def pipeline_traffic(params: Params) -> dict[str, Any]:
     """Check the traffic sets, replay every model on them, and write ``metrics/traffic.json``."""
-    from cachelora.base_model import encode_unique, use_threads
+    from cachelora.base_model import use_threads
     from cachelora.verifier_model import load_verifier, scorer
 
     use_threads(params.evaluate.threads)
@@ -196,10 +197,7 @@ def pipeline_traffic(params: Params) -> dict[str, Any]:
     embed_ms: dict[str, float] = {}
     for name, load in loaders.items():
         model = load()
-        vectors: dict[str, np.ndarray] = {}
-        for s, by in sets.items():  # each set alone: dev's vectors are those evaluate's deploy choice replayed
-            texts = sorted({t for groups in by.values() for g in groups for t in g.texts})
-            vectors |= encode_unique(model, texts, params.evaluate.batch_size, desc=f"traffic {s} {name}")
+        vectors = traffic_vectors(model, sets, params.evaluate.batch_size, name)  # dev's: evaluate's deploy choice's
         thresholds = shipped_embedding_thresholds(eval_metrics.get(name, {}), [*params.domains, ALL])
         log.info("traffic replay: %s", name)
         replays[name] = traffic_replays(vectors, sets, params.traffic.seed, verify)

@@ -172,6 +172,20 @@ def pooled(outcomes: list[Outcome]) -> Outcome:
     return Outcome(*(np.concatenate([getattr(o, f) for o in outcomes]) for f in fields))
 
 
+def traffic_vectors(
+    model: Any, sets: dict[str, dict[str, list[AnswerGroup]]], batch_size: int, name: str
+) -> dict[str, np.ndarray]:
+    """Every text's vector from ``model``, each set encoded alone: a set's batches, and so its vectors,
+    do not depend on the other sets replayed beside it (evaluate replays traffic dev alone)."""
+    from cachelora.base_model import encode_unique
+
+    vectors: dict[str, np.ndarray] = {}
+    for s, by_domain in sets.items():
+        texts = [t for groups in by_domain.values() for g in groups for t in g.texts]
+        vectors |= encode_unique(model, texts, batch_size, desc=f"traffic {s} {name}")
+    return vectors
+
+
 def traffic_replays(
     vectors: dict[str, np.ndarray],
     sets: dict[str, dict[str, list[AnswerGroup]]],
