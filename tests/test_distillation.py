@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -136,3 +138,12 @@ def test_with_distillation_off_the_teacher_embeds_nothing(split, monkeypatch):
     monkeypatch.setattr(distillation, "load_base", lambda *a, **k: pytest.fail("the teacher was loaded"))
     assert embed_domain(distilled_params(weight=0.0), "medical", teacher_file("medical")) == 0
     assert load_teacher([teacher_file("medical")], TEACHER) == {}
+
+
+def test_the_teacher_file_is_the_same_bytes_on_every_write(split):
+    """DVC tracks it by checksum: a re-run that wrote other bytes would re-run every training stage
+    (safetensors orders several metadata keys differently on each write)."""
+    outs = [Path(f"{i}.safetensors") for i in range(6)]
+    for out in outs:
+        embed_domain(distilled_params(weight=0.0), "medical", out)
+    assert len({out.read_bytes() for out in outs}) == 1

@@ -3,8 +3,9 @@ pulls the student's similarities towards the teacher's.
 
 The teacher (``train.distill.teacher``, all-mpnet-base-v2 by default) embeds each domain's train
 texts once, in the ``teacher`` stage, into ``data/teacher/<domain>.safetensors`` (vectors, and the
-texts in order in its metadata). Training adds ``weight`` x one of these to MultipleNegativesRankingLoss
-(``train.distill.loss``):
+teacher, its checksum and the texts in order in its metadata: one key of canonical JSON, since
+safetensors writes several keys in a different order on each write). Training adds ``weight`` x one
+of these to MultipleNegativesRankingLoss (``train.distill.loss``):
 
 - ``matrix_mse``: the mean squared difference between the student's and the teacher's cosine
   matrices of a batch (anchors against anchors, positives and negatives): the teacher's geometry,
@@ -33,6 +34,7 @@ from cachelora.triplets import TEXT_FIELDS, read_triplets
 
 log = logging.getLogger(__name__)
 
+METADATA = "cachelora.teacher"  # the metadata key: {"teacher", "sha256", "texts"} as canonical JSON
 SCALE = 100.0  # cosine differences are small: the squared error is scaled to MNRL's order of magnitude
 
 
@@ -56,7 +58,8 @@ def embed_domain(params: Params, domain: str, out: Path) -> int:
             desc=f"teacher {domain}",
         )
     texts = sorted(vectors)
-    metadata = {"teacher": distill.teacher, "sha256": model_sha256(distill.teacher), "texts": json.dumps(texts)}
+    about = {"teacher": distill.teacher, "sha256": model_sha256(distill.teacher), "texts": texts}
+    metadata = {METADATA: json.dumps(about, sort_keys=True, ensure_ascii=False)}
     stacked = np.stack([vectors[t] for t in texts]) if texts else np.zeros((0, 0), dtype=np.float32)
     with atomic_path(out) as tmp:
         save_file({"vectors": stacked}, str(tmp), metadata=metadata)
@@ -73,10 +76,10 @@ def load_teacher(files: list[Path], teacher: str) -> dict[str, torch.Tensor]:
         if not path.is_file():
             raise CacheloraError(f"{path}: teacher embeddings not found (run `dvc repro teacher`)")
         with safe_open(str(path), framework="pt") as st:
-            meta = st.metadata() or {}
-            if meta.get("sha256") != sha:
+            about = json.loads((st.metadata() or {}).get(METADATA, "{}"))
+            if about.get("sha256") != sha:
                 raise CacheloraError(f"{path}: embedded by another teacher than '{teacher}' (run `dvc repro teacher`)")
-            vectors.update(zip(json.loads(meta["texts"]), st.get_tensor("vectors"), strict=True))
+            vectors.update(zip(about["texts"], st.get_tensor("vectors"), strict=True))
     return vectors
 
 
