@@ -94,7 +94,10 @@ def main() -> None:
             variants[f"{name}_near_miss_negatives"] = {
                 "adapter_md5": dir_md5(adapter),
                 "traffic": replay_model(
-                    traffic_replays(vectors, sets, params.traffic.seed, verify), *settings, verify, None
+                    traffic_replays(vectors, sets, params.traffic.seed, verify, params.traffic.rival_window),
+                    *settings,
+                    verify,
+                    None,
                 ),
                 "natural": natural_quality(model, params),
             }

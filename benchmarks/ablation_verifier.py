@@ -1,11 +1,14 @@
-"""Ablation: the verifier trained without the natural traffic train set's pairs.
+"""Ablation: the verifier trained without the natural traffic train set's pairs, and the lookup
+without the rival check.
 
 The pipeline's verifier (``models/verifier``) trains on traffic train's pairs beside the generated
 ones (``verifier.natural_pairs``); this script answers "what did those pairs buy?". It trains a
 verifier with ``verifier.natural_pairs: false`` and nothing else changed (in memory, the stage's own
 code), then replays the deploy model (eval.json's) on the traffic sets with each verifier exactly
-as the ``traffic`` stage does, at settings chosen on traffic dev. Run after ``dvc repro``; writes
-``benchmarks/results/ablation_verifier.json`` (RESULTS.md's traffic ablation cites it).
+as the ``traffic`` stage does, at settings chosen on traffic dev. A third arm replays the pipeline's
+verifier without the rival check (``traffic.rival_window: null``): what the check buys. Run after
+``dvc repro``; writes ``benchmarks/results/ablation_verifier.json`` (RESULTS.md's traffic ablation
+cites it).
 """
 
 from __future__ import annotations
@@ -49,16 +52,27 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory(prefix="cachelora-ablation-verifier-") as tmp:
         save_verifier(model, Path(tmp) / "verifier", info, [(texts[0], texts[1])])
-        verifiers = {"with": verifier_dir(), "without": Path(tmp) / "verifier"}
-        result = {"model": deploy, "changed": {"verifier.natural_pairs": [params.verifier.natural_pairs, False]}}
+        window = params.traffic.rival_window
+        arms = {
+            "with_natural_pairs": (verifier_dir(), window),
+            "without_natural_pairs": (Path(tmp) / "verifier", window),
+            "with_natural_pairs_no_rival_check": (verifier_dir(), None),
+        }
+        result = {
+            "model": deploy,
+            "changed": {
+                "verifier.natural_pairs": [params.verifier.natural_pairs, False],
+                "traffic.rival_window": [window, None],
+            },
+        }
         settings = (params.evaluate.target_precision, params.traffic.near_miss_share)
-        for name, folder in verifiers.items():
+        for arm, (folder, rival_window) in arms.items():
             verify = scorer(load_verifier(folder), params.evaluate.batch_size)
-            replay = replay_model(traffic_replays(vectors, sets, params.traffic.seed, verify), *settings, verify, None)
-            result[f"{name}_natural_pairs"] = {"verifier_md5": dir_md5(folder), "traffic": replay}
+            replays = traffic_replays(vectors, sets, params.traffic.seed, verify, rival_window)
+            result[arm] = {"verifier_md5": dir_md5(folder), "traffic": replay_model(replays, *settings, verify, None)}
     table = [
         (f"{v} {s} {k}", f"{result[v]['traffic'][WITH_VERIFIER][s][ALL][k]:.3f}")
-        for v in ("with_natural_pairs", "without_natural_pairs")
+        for v in arms
         for s in ("dev", "test")
         for k in ("reask_hit_rate", "near_miss_wrong_hit_rate", "hit_precision")
     ]

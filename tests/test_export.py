@@ -130,6 +130,7 @@ def test_a_failed_write_keeps_the_previous_export(in_tmp: Path, monkeypatch: pyt
 TRAFFIC = {
     "target_precision": 0.95,
     "near_miss_share": 0.1,
+    "rival_window": 0.02,
     "cost": {"lookup_over_embedding": 1.8},
     "shipped": {
         "model": "multi",
@@ -149,6 +150,7 @@ def test_the_verifier_ships_beside_the_model_it_was_calibrated_with(in_tmp: Path
     assert block["path"] == export.VERIFIER_DIR and block["threshold"] == 0.75
     assert block["per_domain"] == {"law": 0.7} and block["embedding_per_domain"] == {"law": 0.55}
     assert block["traffic_test"] == TRAFFIC["shipped"]["test"]
+    assert block["rival_window"] == 0.02 and "more than 0.02 below the nearest's" in block["rule"]
     assert export.verifier_settings(TRAFFIC, "merged") is None  # calibrated with another embedding model
     assert export.verifier_settings(None, "multi") is None
 

@@ -85,6 +85,95 @@ def test_the_verifier_refuses_a_candidate_and_only_candidates_are_verified() -> 
     assert out.candidate.tolist() == [k == NEAR_MISS for k in out.kind]
 
 
+def test_a_rival_within_the_window_makes_the_lookup_miss_without_asking_the_verifier() -> None:
+    """The near-miss misses (the verifier refuses it against the original) and is cached; the re-ask
+    then finds the near-miss nearest (0.88) with the original just behind (0.87). A verifier that
+    accepts that pair would serve the near-miss's answer; with the rival check, a rival within the
+    window (and at the threshold) makes the lookup miss and the verifier is not asked."""
+    group = AnswerGroup("g1", "medical", "orig", ("reask",), (("near", "number"),))
+    vectors = {"orig": unit(1, 0, 0), "near": unit(0.9, 0.436, 0)}
+    vectors["reask"] = unit(0.87, 0.2225, 0.44)
+    cos = {t: round(float(vectors["reask"] @ vectors[t]), 3) for t in ("orig", "near")}
+    assert cos["orig"] < cos["near"] < cos["orig"] + 0.02, cos
+    seed = next(s for s in map(str, range(50)) if TrafficReplay.of([group], vectors, s).lookups[1].kind == NEAR_MISS)
+    asked: list[tuple[str, str]] = []
+
+    def verifier(pairs: list[tuple[str, str]]) -> np.ndarray:
+        asked.extend(pairs)
+        return np.array([0.1 if {q, c} == {"near", "orig"} else 0.9 for q, c in pairs])
+
+    def reask_at(window: float | None, threshold: float) -> tuple[bool, bool, bool]:
+        replay = TrafficReplay.of([group], vectors, seed, verifier, window)
+        replay.scores.clear()  # scored again as run() asks for them
+        asked.clear()
+        out = replay.run(threshold, 0.5)
+        i = list(out.kind).index(REASK)
+        return bool(out.hit[i]), bool(out.rival[i]), ("reask", "near") in asked
+
+    assert reask_at(None, 0.8) == (True, False, True)  # no check: the near-miss's answer is served
+    assert reask_at(0.02, 0.8) == (False, True, False)  # a rival: a miss, the verifier not asked
+    assert reask_at(0.005, 0.8) == (True, False, True)  # the original is outside the window
+    assert reask_at(0.02, 0.875) == (True, False, True)  # the original is below the threshold
+    f = figures(TrafficReplay.of([group], vectors, seed, verifier, 0.02).run(0.8, 0.5), None)
+    assert f["rival_misses"] == 1 and f["verified_share"] == 0.5  # the verifier read the near-miss only
+
+
+def test_readmes_lookup_serves_exactly_what_the_replay_counts(tmp_path, monkeypatch) -> None:
+    """README's Python lookup (both stages and the rival check), run over a replay's stream with the
+    same vectors and verifier scores, hits and misses where the replay does: what ships is what was
+    measured."""
+    import json
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    code = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.DOTALL) if "def lookup(" in b)
+    rng = np.random.default_rng(7)
+    groups, vectors = [], {}
+    for g in range(12):
+        centre = rng.normal(size=8)
+        texts = [f"g{g} original", f"g{g} reask a", f"g{g} reask b", f"g{g} near a", f"g{g} near b"]
+        for text, noise in zip(texts, [0, 0.45, 0.6, 0.35, 0.5], strict=True):
+            vectors[text] = unit(*(centre + noise * rng.normal(size=8)))
+        groups.append(AnswerGroup(f"g{g}", "medical", texts[0], tuple(texts[1:3]), ((texts[3], "n"), (texts[4], "n"))))
+    scores = {(a, b): float(rng.random()) for a in vectors for b in vectors}
+    verifier_scores = lambda pairs: np.array([scores[p] for p in pairs])  # noqa: E731
+    threshold, verifier_threshold, window = 0.75, 0.3, 0.05
+    replay = TrafficReplay.of(groups, vectors, "seed", verifier_scores, window)
+    outcome = replay.run(threshold, verifier_threshold)
+
+    class Embedder:
+        def __init__(self, path: str) -> None:
+            pass
+
+        def encode(self, text: str, normalize_embeddings: bool) -> np.ndarray:
+            return vectors[text]
+
+    class Verifier(Embedder):
+        def predict(self, pairs: list[tuple[str, str]]) -> np.ndarray:
+            return verifier_scores(pairs)
+
+    monkeypatch.chdir(tmp_path)
+    Path("exported").mkdir()
+    block = {"path": "verifier", "embedding_per_domain": {"medical": threshold}, "rival_window": window,
+             "per_domain": {"medical": verifier_threshold}}  # fmt: skip
+    Path("exported/cache_config.json").write_text(json.dumps({"verifier": block}))
+    namespace = {"SentenceTransformer": Embedder, "CrossEncoder": Verifier}
+    exec(re.sub(r"^from sentence_transformers.*$", "", code, flags=re.MULTILINE), namespace)
+    cache = namespace["cache"]
+    first = sum(lk.kind == ORIGINAL for lk in replay.lookups)
+    cache["medical"] = [(lk.text, vectors[lk.text], lk.answer_id) for lk in replay.lookups[:first]]
+    served = []
+    for lk in replay.lookups[first:]:
+        answer = namespace["lookup"](lk.text, "medical")
+        served.append(answer)
+        if answer is None:
+            cache["medical"].append((lk.text, vectors[lk.text], lk.answer_id))
+    assert [a is not None for a in served] == outcome.hit.tolist()
+    assert [a == lk.answer_id for a, lk in zip(served, replay.lookups[first:], strict=True)] == outcome.right.tolist()
+    assert outcome.rival.any() and outcome.hit.any() and (outcome.hit & ~outcome.right).any()
+
+
 def test_settings_are_chosen_on_dev_and_only_reported_on_test() -> None:
     """Dev separates re-asks (0.8) from near-misses (0.6); test does not (its near-miss is closer):
     settings chosen on dev are feasible there; chosen on test, nothing would ever hit."""

@@ -467,7 +467,7 @@ def traffic_dev_replays(params: Params, names: list[str]) -> dict[str, dict[str,
     out = {}
     for name, load in loaders.items():
         vectors = traffic_vectors(load(), dev, params.evaluate.batch_size, name)
-        replays = traffic_replays(vectors, dev, params.traffic.seed, verify)
+        replays = traffic_replays(vectors, dev, params.traffic.seed, verify, params.traffic.rival_window)
         out[name] = replay_model(replays, params.evaluate.target_precision, None, verify, None)[WITH_VERIFIER]
     return out
 

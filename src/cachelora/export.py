@@ -201,14 +201,22 @@ def verifier_settings(
     shipped = traffic["shipped"]
     settings = shipped["settings"]
     domains = [d for d in settings if d != ALL]
+    window = traffic.get("rival_window")
+    rival = (
+        f", the next-nearest cached query's cosine is below that threshold or more than {window} below the"
+        " nearest's (else the embedding cannot tell the two apart: a miss, the verifier not asked),"
+        if window is not None
+        else ""
+    )
     return {
         "path": VERIFIER_DIR,
         "threshold": settings[ALL]["verifier_threshold"],
         "per_domain": {d: settings[d]["verifier_threshold"] for d in domains},
         "embedding_threshold": settings[ALL]["threshold"],
         "embedding_per_domain": {d: settings[d]["threshold"] for d in domains},
-        "rule": "hit when cos(query, nearest cached query) >= the domain's embedding threshold AND the "
-        "verifier's score of (query, cached query) >= the domain's verifier threshold",
+        "rival_window": window,
+        "rule": "hit when cos(query, nearest cached query) >= the domain's embedding threshold"
+        f"{rival} AND the verifier's score of (query, nearest cached query) >= the domain's verifier threshold",
         "chosen_on": shipped["chosen_on"],
         "target_precision": traffic["target_precision"],
         "near_miss_share": traffic["near_miss_share"],

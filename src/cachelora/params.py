@@ -183,6 +183,9 @@ class TrafficParams(_Strict):
     seed: int = Field(42, ge=0)  # the order re-asks and near-misses arrive in
     near_miss_share: float = Field(0.1, ge=0, le=1)  # the share the stated hit precision assumes
     min_groups: int = Field(60, ge=1)  # answer groups each traffic file must hold
+    # with the verifier: when the next-nearest cached entry is within this cosine of the nearest (and at
+    # the embedding threshold), the lookup misses without asking the verifier (null: no rival check)
+    rival_window: float | None = Field(0.02, ge=0, le=2)
 
 
 class Params(_Strict):

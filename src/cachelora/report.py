@@ -245,13 +245,18 @@ def traffic_ablation_table(params: Params) -> Table:
             )
             rows.append((label, mode_label, *cells))
     deploy = read_json(ABLATION_VERIFIER)["model"]
-    for variant, label in (("with_natural_pairs", "with"), ("without_natural_pairs", "without")):
+    arms = (
+        ("with_natural_pairs", "verifier with traffic-train pairs"),
+        ("without_natural_pairs", "verifier without traffic-train pairs"),
+        ("with_natural_pairs_no_rival_check", "verifier with traffic-train pairs, no rival check"),
+    )
+    for variant, label in arms:
         cells = (
             Cell(ABLATION_VERIFIER, f"{variant}.traffic.with_verifier.{s}.{ALL}.{k}", ".3f")
             for s in ("dev", "test")
             for _, k in TRAFFIC_FIGURES
         )
-        rows.append((f"{deploy}, verifier {label} traffic-train pairs", TRAFFIC_MODES[2][0], *cells))
+        rows.append((f"{deploy}, {label}", TRAFFIC_MODES[2][0], *cells))
     header = ("model", "settings", *(f"{s} {c[0]}" for s in ("dev", "test") for c in TRAFFIC_FIGURES))
     return Table("Traffic ablation: all domains (dev is in-sample for its own settings)", header, tuple(rows))
 
@@ -281,7 +286,7 @@ def ablation_natural_table() -> Table:
 
 def traffic_cost_table(params: Params) -> Table:
     """What a lookup costs on CPU at batch 1 for each traffic model, alone and with the verifier (the
-    verifier reads only the lookups whose nearest entry reaches the embedding threshold)."""
+    verifier reads only the lookups whose nearest entry reaches the embedding threshold and has no rival)."""
     costs = read_json(TRAFFIC_COST)["models"]
     rows = []
     for label, m in _traffic_models(params):
@@ -292,7 +297,7 @@ def traffic_cost_table(params: Params) -> Table:
                         label,
                         mode_label,
                         Cell(TRAFFIC_COST, f"models.{m}.embedding_ms_batch_1", ".2f"),
-                        Cell(TRAFFIC_COST, f"models.{m}.{mode}.candidate_share", ".3f"),
+                        Cell(TRAFFIC_COST, f"models.{m}.{mode}.verified_share", ".3f"),
                         Cell(TRAFFIC_COST, f"models.{m}.{mode}.lookup_ms_batch_1", ".2f"),
                         Cell(TRAFFIC_COST, f"models.{m}.{mode}.lookup_over_embedding", ".2f"),
                     )

@@ -156,16 +156,16 @@ def verifier_ms(verifier: Any, pairs: list[tuple[str, str]], batch_size: int) ->
 
 def lookup_costs(models: dict[str, Any], embed_ms: dict[str, float], verify_ms: float) -> dict[str, Any]:
     """Per model and settings: the share of traffic-test lookups the verifier reads (those whose nearest
-    entry reaches the embedding threshold) and the CPU ms of a lookup at batch 1: the embedding, plus
-    the verifier for that share."""
+    entry reaches the embedding threshold, less those that missed for a rival) and the CPU ms of a
+    lookup at batch 1: the embedding, plus the verifier for that share."""
     out: dict[str, Any] = {}
     for name, modes in models.items():
         out[name] = {"embedding_ms_batch_1": round(embed_ms[name], 3)}
         for mode, entry in modes.items():
-            share = _candidate_share(entry) if mode == WITH_VERIFIER else 0.0
+            share = _verified_share(entry) if mode == WITH_VERIFIER else 0.0
             lookup = embed_ms[name] + share * verify_ms
             out[name][mode] = {
-                "candidate_share": round(share, 6),
+                "verified_share": round(share, 6),
                 "lookup_ms_batch_1": round(lookup, 3),
                 "lookup_over_embedding": round(lookup / embed_ms[name], 3),
             }
@@ -200,7 +200,7 @@ def pipeline_traffic(params: Params) -> dict[str, Any]:
         vectors = traffic_vectors(model, sets, params.evaluate.batch_size, name)  # dev's: evaluate's deploy choice's
         thresholds = shipped_embedding_thresholds(eval_metrics.get(name, {}), [*params.domains, ALL])
         log.info("traffic replay: %s", name)
-        replays[name] = traffic_replays(vectors, sets, params.traffic.seed, verify)
+        replays[name] = traffic_replays(vectors, sets, params.traffic.seed, verify, params.traffic.rival_window)
         models[name] = replay_model(
             replays[name],
             params.evaluate.target_precision,
@@ -216,6 +216,7 @@ def pipeline_traffic(params: Params) -> dict[str, Any]:
     result = {
         "target_precision": params.evaluate.target_precision,
         "near_miss_share": params.traffic.near_miss_share,
+        "rival_window": params.traffic.rival_window,
         "sets": checked,
         "contamination": counts,
         "models": models,
@@ -254,6 +255,6 @@ def pipeline_traffic(params: Params) -> dict[str, Any]:
     return result
 
 
-def _candidate_share(entry: dict[str, Any]) -> float:
+def _verified_share(entry: dict[str, Any]) -> float:
     """The share of traffic-test lookups (all domains) the verifier reads at these settings."""
-    return float(entry["test"][ALL]["candidate_share"])
+    return float(entry["test"][ALL]["verified_share"])

@@ -6,6 +6,12 @@ arrive in a seeded order. A lookup takes its nearest cached entry by cosine; it 
 similarity reaches the embedding threshold and, with a verifier, the verifier's score of (query,
 cached query) reaches the verifier threshold. A hit is right when the entry's answer id is the
 query's. **A miss is cached** with its own answer id, as a cache stores the fresh LLM answer.
+
+**Rival check** (with the verifier, ``traffic.rival_window``): when the next-nearest cached entry
+also reaches the embedding threshold and lies within the window (in cosine) behind the nearest, the
+embedding cannot tell which of two cached questions the query repeats, and the lookup misses without
+asking the verifier. This is where a re-ask lands between its original and the original's cached
+near-miss, and where the verifier is least reliable.
 """
 
 from __future__ import annotations
@@ -29,11 +35,12 @@ VERIFIER_GRID = np.round(np.r_[np.arange(0.1, 0.9, 0.04), 0.9, 0.95, 0.98], 4)
 @dataclass
 class Outcome:
     """Per non-original lookup: its kind, whether its nearest entry reached the embedding threshold
-    (a candidate the verifier is asked about), whether it hit, whether the hit was right, and its
-    answer group (the unit a bootstrap draws)."""
+    (a candidate), whether it then missed for a rival (the verifier reads the other candidates),
+    whether it hit, whether the hit was right, and its answer group (the unit a bootstrap draws)."""
 
     kind: np.ndarray
     candidate: np.ndarray
+    rival: np.ndarray
     hit: np.ndarray
     right: np.ndarray
     group: np.ndarray
@@ -46,6 +53,7 @@ class TrafficReplay:
     lookups: list[Lookup]
     sims: np.ndarray
     verifier: Verifier | None = None
+    rival_window: float | None = None  # with the verifier (None: no rival check)
     scores: dict[tuple[int, int], float] = field(default_factory=dict)
     nearest_first: list[list[int]] = field(default_factory=list)  # per lookup: earlier texts, nearest first
 
@@ -56,11 +64,16 @@ class TrafficReplay:
 
     @classmethod
     def of(
-        cls, groups: list[AnswerGroup], vectors: dict[str, np.ndarray], seed: str, verifier: Verifier | None = None
+        cls,
+        groups: list[AnswerGroup],
+        vectors: dict[str, np.ndarray],
+        seed: str,
+        verifier: Verifier | None = None,
+        rival_window: float | None = None,
     ) -> TrafficReplay:
         lookups = stream(groups, seed)
         matrix = np.stack([vectors[lk.text] for lk in lookups])
-        replay = cls(lookups, matrix @ matrix.T, verifier)
+        replay = cls(lookups, matrix @ matrix.T, verifier, rival_window)
         if verifier is not None:
             replay._score_candidates()
         return replay
@@ -80,6 +93,11 @@ class TrafficReplay:
                     break
         self._score(pairs)
 
+    def _score_of(self, i: int, j: int) -> float:
+        if (i, j) not in self.scores:
+            self._score([(i, j)])
+        return self.scores[(i, j)]
+
     def _score(self, pairs: list[tuple[int, int]]) -> None:
         missing = [p for p in dict.fromkeys(pairs) if p not in self.scores]
         if missing and self.verifier is not None:
@@ -91,15 +109,19 @@ class TrafficReplay:
         use_verifier = verifier_threshold is not None and self.verifier is not None
         first = sum(lk.kind == ORIGINAL for lk in self.lookups)
         cached = [i < first for i in range(len(self.lookups))]
-        kinds, candidates, hits, rights = [], [], [], []
+        kinds, candidates, rivals, hits, rights = [], [], [], [], []
         for i in range(first, len(self.lookups)):
-            j = next(j for j in self.nearest_first[i] if cached[j])  # the nearest entry in the cache now
+            in_cache = (j for j in self.nearest_first[i] if cached[j])  # the cache now, nearest first
+            j = next(in_cache)
             hit = bool(self.sims[i, j] >= threshold)
             candidates.append(hit)
+            rival = False
             if hit and use_verifier:
-                if (i, j) not in self.scores:
-                    self._score([(i, j)])
-                hit = self.scores[(i, j)] >= verifier_threshold
+                if self.rival_window is not None:
+                    k = next(in_cache, None)
+                    rival = k is not None and self.sims[i, k] >= max(threshold, self.sims[i, j] - self.rival_window)
+                hit = not rival and self._score_of(i, j) >= verifier_threshold
+            rivals.append(rival)
             kinds.append(self.lookups[i].kind)
             hits.append(hit)
             rights.append(hit and self.lookups[j].answer_id == self.lookups[i].answer_id)
@@ -108,6 +130,7 @@ class TrafficReplay:
         return Outcome(
             np.array(kinds),
             np.array(candidates, dtype=bool),
+            np.array(rivals, dtype=bool),
             np.array(hits, dtype=bool),
             np.array(rights, dtype=bool),
             np.array([lk.group_id for lk in self.lookups[first:]]),
@@ -135,6 +158,8 @@ def figures(outcome: Outcome, near_miss_share: float | None) -> dict[str, Any]:
         "right_hits": right,
         "candidates": int(outcome.candidate.sum()),
         "candidate_share": round(float(outcome.candidate.mean()), 6) if len(outcome.kind) else 0.0,
+        "rival_misses": int(outcome.rival.sum()),
+        "verified_share": round(float((outcome.candidate & ~outcome.rival).mean()), 6) if len(outcome.kind) else 0.0,
     }
     if near_miss_share is not None:
         pi = near_miss_share
@@ -168,7 +193,7 @@ def calibrate(
 
 def pooled(outcomes: list[Outcome]) -> Outcome:
     """Every domain's lookups together (each domain replayed in its own partition)."""
-    fields = ("kind", "candidate", "hit", "right", "group")
+    fields = ("kind", "candidate", "rival", "hit", "right", "group")
     return Outcome(*(np.concatenate([getattr(o, f) for o in outcomes]) for f in fields))
 
 
@@ -191,11 +216,16 @@ def traffic_replays(
     sets: dict[str, dict[str, list[AnswerGroup]]],
     seed: int,
     verifier: Verifier | None,
+    rival_window: float | None = None,
 ) -> dict[str, dict[str, TrafficReplay]]:
     """One model's replay of each set's domains (each a partition of its own), the stream seeded
-    (``traffic.seed``) per set and domain."""
+    (``traffic.seed``) per set and domain; with the verifier, the rival check at ``rival_window``
+    (None: without)."""
     return {
-        s: {d: TrafficReplay.of(groups, vectors, f"{seed}:{s}:{d}", verifier) for d, groups in by_domain.items()}
+        s: {
+            d: TrafficReplay.of(groups, vectors, f"{seed}:{s}:{d}", verifier, rival_window)
+            for d, groups in by_domain.items()
+        }
         for s, by_domain in sets.items()
     }
 
