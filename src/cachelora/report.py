@@ -210,14 +210,15 @@ def traffic_table(params: Params) -> Table:
         cells += [Cell(TRAFFIC, f"shipped.test.{g}.{k}", ".3f") for _, k in TRAFFIC_FIGURES]
         cells.append(Cell(TRAFFIC, f"shipped.test.{g}.precision_at_near_miss_share", ".3f"))
         rows.append((g, *cells))
-    share = read_json(TRAFFIC)["near_miss_share"]
+    share, window = read_json(TRAFFIC)["near_miss_share"], read_json(TRAFFIC).get("rival_window")
     header = (
         "domain", "embedding threshold", "verifier threshold", *(f"test {c[0]}" for c in TRAFFIC_FIGURES),
         f"precision at {share:.0%} near-misses",
     )  # fmt: skip
     title = (
-        f"Headline: natural traffic test, the shipped cache ({shipped['model']} + verifier, settings chosen "
-        "on traffic dev; the all row pools each domain at its own settings)"
+        f"Headline: natural traffic test, the shipped cache ({shipped['model']} + verifier"
+        f"{'' if window is None else f' + rival check at {window}'}, settings chosen on traffic dev; the all row"
+        " pools each domain at its own settings)"
     )
     return Table(title, header, tuple(rows))
 
@@ -258,7 +259,10 @@ def traffic_ablation_table(params: Params) -> Table:
         )
         rows.append((f"{deploy}, {label}", TRAFFIC_MODES[2][0], *cells))
     header = ("model", "settings", *(f"{s} {c[0]}" for s in ("dev", "test") for c in TRAFFIC_FIGURES))
-    return Table("Traffic ablation: all domains (dev is in-sample for its own settings)", header, tuple(rows))
+    window = params.traffic.rival_window
+    rival = "no rival check" if window is None else f"the rival check at {window} unless a row says not"
+    title = f"Traffic ablation: all domains (with the verifier, {rival}; dev is in-sample for its own settings)"
+    return Table(title, header, tuple(rows))
 
 
 def ablation_arms() -> list[tuple[str, str]]:
