@@ -202,7 +202,8 @@ def _traffic_models(params: Params) -> list[tuple[str, str]]:
 def traffic_table(params: Params) -> Table:
     """The headline: what the shipped cache does on natural traffic test (re-asks and near-misses),
     per domain, at its shipped settings (the deploy model with the verifier, chosen on traffic dev)."""
-    shipped = read_json(TRAFFIC)["shipped"]
+    traffic = read_json(TRAFFIC)
+    shipped = traffic["shipped"]
     rows = []
     for g in _groups(params):
         cells = [Cell(TRAFFIC, f"shipped.settings.{g}.threshold", ".3f")]
@@ -210,7 +211,7 @@ def traffic_table(params: Params) -> Table:
         cells += [Cell(TRAFFIC, f"shipped.test.{g}.{k}", ".3f") for _, k in TRAFFIC_FIGURES]
         cells.append(Cell(TRAFFIC, f"shipped.test.{g}.precision_at_near_miss_share", ".3f"))
         rows.append((g, *cells))
-    share, window = read_json(TRAFFIC)["near_miss_share"], read_json(TRAFFIC).get("rival_window")
+    share, window = traffic["near_miss_share"], traffic.get("rival_window")
     header = (
         "domain", "embedding threshold", "verifier threshold", *(f"test {c[0]}" for c in TRAFFIC_FIGURES),
         f"precision at {share:.0%} near-misses",
