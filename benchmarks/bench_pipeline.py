@@ -2,8 +2,13 @@
 
 A sampler thread walks the dvc process's descendants every --interval seconds and keeps, per stage
 (`stages/<x>.py --domain/--name <y>` -> `<x>@<y>`), the highest VmHWM (peak resident set, from
-/proc/<pid>/status; psutil's current RSS where /proc is missing). A stage's peak is exact up to its
-last sample, so only a final spike shorter than the interval can be missed.
+/proc/<pid>/status; psutil's current RSS where /proc is missing) and the wall time from the stage
+process's start to its last sample. A stage's peak is exact up to its last sample, so only a final
+spike shorter than the interval can be missed.
+
+``--set section.key=value`` overrides params.yaml in the copy (e.g. ``train.threads=1``). Every
+output whose md5 differs from the repo's own dvc.lock is listed (``outputs_differing``): with the
+default params, only files that hold timings may differ.
 """
 
 from __future__ import annotations
@@ -33,7 +38,11 @@ TINY = {  # the overrides tests/test_pipeline.py uses
 STAGE = re.compile(r"stages/(\w+)\.py(?:\s+--(?:domain|name)[ =](\S+))?")
 
 
-REPORT_INPUTS = {"benchmarks/results/ablation.json"}  # the report stage cites it
+REPORT_INPUTS = {  # the report cites them
+    "benchmarks/results/ablation.json",
+    "benchmarks/results/ablation_verifier.json",
+    "benchmarks/results/reference.json",
+}
 
 
 def copy_repo(root: Path, tiny: bool) -> None:
@@ -64,7 +73,9 @@ def peak_kib(proc: psutil.Process) -> int:
         return proc.memory_info().rss // 1024
 
 
-def sample(pid: int, peaks: dict[str, int], stop: threading.Event, interval: float) -> None:
+def sample(
+    pid: int, peaks: dict[str, int], spans: dict[str, list[float]], stop: threading.Event, interval: float
+) -> None:
     root = psutil.Process(pid)
     while not stop.wait(interval):
         try:
@@ -77,11 +88,12 @@ def sample(pid: int, peaks: dict[str, int], stop: threading.Event, interval: flo
                 if match:
                     stage = "@".join(filter(None, match.groups()))
                     peaks[stage] = max(peaks.get(stage, 0), peak_kib(child))
+                    spans[stage] = [spans.get(stage, [child.create_time()])[0], time.time()]
             except (psutil.Error, OSError):
                 continue
 
 
-def repro(root: Path, target: list[str], interval: float) -> tuple[float, dict[str, int]]:
+def repro(root: Path, target: list[str], interval: float) -> tuple[float, dict[str, int], dict[str, float]]:
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
@@ -91,11 +103,12 @@ def repro(root: Path, target: list[str], interval: float) -> tuple[float, dict[s
         "TOKENIZERS_PARALLELISM": "false",
     }
     peaks: dict[str, int] = {}
+    spans: dict[str, list[float]] = {}
     stop = threading.Event()
     start = time.perf_counter()
     proc = subprocess.Popen(["dvc", "repro", *target], cwd=root, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    sampler = threading.Thread(target=sample, args=(proc.pid, peaks, stop, interval), daemon=True)
+    sampler = threading.Thread(target=sample, args=(proc.pid, peaks, spans, stop, interval), daemon=True)
     sampler.start()
     output, _ = proc.communicate()
     wall = time.perf_counter() - start
@@ -103,7 +116,28 @@ def repro(root: Path, target: list[str], interval: float) -> tuple[float, dict[s
     sampler.join()
     if proc.returncode:
         sys.exit(f"dvc repro {' '.join(target)} failed ({proc.returncode}):\n{output[-4000:]}")
-    return wall, peaks
+    return wall, peaks, {stage: round(end - begin, 1) for stage, (begin, end) in spans.items()}
+
+
+def set_params(root: Path, settings: list[str]) -> None:
+    """Apply ``section.key=value`` overrides (the value read as YAML) to the copy's params.yaml."""
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    for setting in settings:
+        key, _, value = setting.partition("=")
+        *sections, last = key.split(".")
+        node = params
+        for section in sections:
+            node = node[section]
+        if last not in node:
+            sys.exit(f"--set {setting}: params.yaml has no key {key}")
+        node[last] = yaml.safe_load(value)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def output_md5s(lock: Path) -> dict[str, str]:
+    """Every stage output's md5 in a dvc.lock (path -> md5)."""
+    stages = yaml.safe_load(lock.read_text()).get("stages", {}) if lock.is_file() else {}
+    return {out["path"]: out.get("md5", "") for stage in stages.values() for out in stage.get("outs", [])}
 
 
 def main() -> None:
@@ -112,14 +146,18 @@ def main() -> None:
     parser.add_argument("--target", nargs="*", default=[], help="dvc repro targets (default: the whole pipeline)")
     parser.add_argument("--interval", type=float, default=0.2, help="RSS sampling period, seconds")
     parser.add_argument("--keep", action="store_true", help="keep the temp copy (its path is printed)")
+    parser.add_argument("--set", nargs="*", default=[], help="params.yaml overrides in the copy: section.key=value")
     parser.add_argument("--out")
     opts = parser.parse_args()
     at_repo_root()
     root = Path(tempfile.mkdtemp(prefix="cachelora-bench-"))
     try:
         copy_repo(root, opts.quick)
-        scratch, peaks = repro(root, opts.target, opts.interval)
-        noop, _ = repro(root, opts.target, opts.interval)
+        set_params(root, opts.set)
+        scratch, peaks, stage_s = repro(root, opts.target, opts.interval)
+        noop, _, _ = repro(root, opts.target, opts.interval)
+        ours, theirs = output_md5s(REPO / "dvc.lock"), output_md5s(root / "dvc.lock")
+        differing = sorted(p for p in theirs if p in ours and ours[p] != theirs[p])
     finally:
         if opts.keep:
             print(f"kept {root}")
@@ -129,7 +167,10 @@ def main() -> None:
     mib = {stage: round(kib / 1024, 1) for stage, kib in sorted(peaks.items())}
     finish("pipeline", opts.out, {
         "repro_from_scratch_s": scratch, "repro_noop_s": noop, "peak_rss_mib_by_stage": mib,
-        "heaviest_stage": heaviest, "targets": opts.target or "all", "params": "tiny (tests)" if opts.quick
+        "heaviest_stage": heaviest, "stage_wall_s": dict(sorted(stage_s.items())),
+        "stage_wall_s_sum": round(sum(stage_s.values()), 1), "param_overrides": opts.set,
+        "outputs_compared": len([p for p in theirs if p in ours]), "outputs_differing": differing,
+        "targets": opts.target or "all", "params": "tiny (tests)" if opts.quick
         else "params.yaml defaults", "tiny_overrides": TINY if opts.quick else None, "sample_interval_s": opts.interval,
         "rss_method": "max VmHWM of each stage process over samples (psutil RSS where /proc is absent)",
         "cpu_count": os.cpu_count(), "quick": opts.quick,
@@ -137,7 +178,9 @@ def main() -> None:
         ("dvc repro from scratch", f"{scratch:.1f} s"),
         ("dvc repro no-op", f"{noop:.1f} s"),
         ("peak RSS, heaviest stage", f"{mib[heaviest]:.0f} MiB ({heaviest})" if heaviest else "n/a"),
-        ("scope", f"{' '.join(opts.target) or 'all stages'}, {'tiny params' if opts.quick else 'default params'}"),
+        ("outputs differing from dvc.lock", f"{len(differing)} of {len([p for p in theirs if p in ours])}"),
+        ("scope", f"{' '.join(opts.target) or 'all stages'}, {'tiny params' if opts.quick else 'default params'}"
+                  f"{', ' + ' '.join(opts.set) if opts.set else ''}"),
     ])  # fmt: skip
 
 

@@ -4,6 +4,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from cachelora import base_model
 from cachelora.base_model import CPU_BF16_PROBES, HUB_IDS, model_sha256, pick_device, pick_precision, resolve_base
 
 
@@ -104,3 +107,62 @@ def test_the_default_precision_reproduces_on_any_cpu(monkeypatch):
     assert TrainParams().precision == "fp32" and load_params().train.precision == "fp32"
     assert pick_precision(load_params().train.precision, "cpu") == "fp32"
     assert pick_precision("auto", "cpu") == "bf16"  # one -S away
+
+
+@pytest.mark.parametrize(
+    ("idle_share", "cpus", "usable", "expected"),
+    [(1.0, 2, 2, 2), (0.9, 2, 2, 2), (0.6, 2, 2, 1), (0.5, 2, 2, 1), (0.0, 2, 2, 1), (1.0, 8, 2, 2), (0.5, 8, 8, 4)],
+)
+def test_auto_threads_are_the_usable_cpus_idle_now(monkeypatch, idle_share, cpus, usable, expected):
+    """A busy machine gets fewer threads (at least 1); never more than the CPUs this process may use."""
+    samples = iter([(100.0, 1000.0), (100.0 + idle_share * 50 * cpus, 1000.0 + 50 * cpus)])
+    monkeypatch.setattr(base_model, "cpu_times", lambda: next(samples))
+    monkeypatch.setattr(base_model.os, "cpu_count", lambda: cpus)
+    monkeypatch.setattr(base_model.os, "sched_getaffinity", lambda pid: set(range(usable)), raising=False)
+    assert base_model.idle_cpus(window=0) == expected
+
+
+def test_cpu_times_read_idle_and_iowait_against_every_state(tmp_path):
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  10 1 5 80 4 0 0 0 3 0\ncpu0 5 0 2 40 2 0 0 0 0 0\n")
+    assert base_model.cpu_times(stat) == (84.0, 100.0)
+
+
+def test_auto_threads_set_torch_to_the_idle_cpus(monkeypatch):
+    import torch
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(base_model, "idle_cpus", lambda: 1)
+    try:
+        assert base_model.use_threads("auto") == 1 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_encoding_and_scoring_read_the_same_at_any_thread_count():
+    """What ``evaluate.threads: auto`` relies on: embeddings and cross-encoder scores are the same bits at
+    1 and 2 threads (training is not: train.threads is a fixed count)."""
+    import numpy as np
+    import torch
+    from sentence_transformers.cross_encoder import CrossEncoder
+
+    from cachelora.base_model import load_base
+
+    drinks = ["tea", "coffee", "wine", "milk", "a beer", "grapefruit juice", "food", "nothing"] * 3
+    texts = [f"can I take {n} mg of ibuprofen with {w} after work" * (1 + n % 3) for n, w in enumerate(drinks)]
+    pairs = list(zip(texts, texts[1:] + texts[:1], strict=True))
+    model = load_base("all-MiniLM-L6-v2", "cpu", 64)
+    torch.manual_seed(0)
+    scorer = CrossEncoder(str(resolve_base("all-MiniLM-L6-v2")), num_labels=1, max_length=64, device="cpu")
+    before = torch.get_num_threads()
+    try:
+        out = {}
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            vectors = model.encode(texts, batch_size=8, convert_to_numpy=True)
+            scores = scorer.predict(pairs, batch_size=8, show_progress_bar=False)
+            out[threads] = (np.asarray(vectors).tobytes(), np.asarray(scores).tobytes())
+    finally:
+        torch.set_num_threads(before)
+    assert out[1][0] == out[2][0], "embeddings differ between 1 and 2 threads"
+    assert out[1][1] == out[2][1], "cross-encoder scores differ between 1 and 2 threads"

@@ -33,7 +33,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     shrink_traffic(root)
     # 1 torch thread per experiment: 2 workers on 2 cores at torch's default (2 threads each) oversubscribe
     # the cores and ran ~60x slower (0.6 triplets/s against 34).
-    set_params(root, {"train": {"threads": 1}})
+    set_params(root, {"train": {"threads": 1}, "evaluate": {"threads": 1}})
     params = yaml.safe_load((root / "params.yaml").read_text())  # one domain: a quarter of the stages
     params.update(domains=["medical"], train_models=["medical", "multi"])
     params["train_data"] = {"medical": "data/splits/medical", "multi": "data/splits"}

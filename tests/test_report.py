@@ -29,3 +29,28 @@ def test_report_loads_without_torch():
     probe = "import sys, cachelora.report; print(sorted({'torch', 'sentence_transformers'} & set(sys.modules)))"
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "[]"
+
+
+def test_a_reference_scored_outside_the_pipeline_is_cited_from_the_benchmarks_file(tmp_path, monkeypatch):
+    """A reference the pipeline did not score (benchmarks/reference_models.py did) is read from that
+    benchmark's file; one in ``evaluate.reference_models`` from the pipeline's own metrics."""
+    from cachelora import paths, report
+    from tests.conftest import tiny_params
+
+    reference = tmp_path / "reference.json"
+    reference.write_text(json.dumps({"models": ["big"]}))
+    monkeypatch.setattr(report, "REFERENCE", reference)
+    outside = tiny_params()
+    assert report._references(outside) == ["big"] and report._outside(outside) == ["big"]
+    assert [report._source(outside, "big", k) for k in ("eval", "traffic", "cost", "traffic_cost")] == [
+        (reference, "eval.big"),
+        (reference, "traffic.big"),
+        (reference, "cost.models.big"),
+        (reference, "traffic_cost.models.big"),
+    ]
+    assert report._source(outside, "baseline", "eval") == (report.EVAL, "baseline")
+    assert report._source(outside, "baseline", "cost") == (paths.COST, "models.baseline")
+    inside = tiny_params(evaluate={"reference_models": ["big", "other"]})
+    assert report._references(inside) == ["big", "other"] and report._outside(inside) == []
+    assert report._source(inside, "big", "traffic") == (report.TRAFFIC, "models.big")
+    assert report._source(inside, "big", "traffic_cost") == (report.TRAFFIC_COST, "models.big")

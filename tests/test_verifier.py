@@ -153,3 +153,50 @@ def test_the_verifier_learns_the_near_miss_edits_generate_would_have_made(seed_d
     assert V.with_verifier_near_misses(edited, params) == edited  # already edited: kept
     off = tiny_params(verifier={"near_miss_fraction": 0.0})
     assert V.with_verifier_near_misses(plain, off) == plain
+
+
+def test_a_scorer_reads_each_distinct_pair_once() -> None:
+    from cachelora.verifier_model import scorer
+
+    class Counting:
+        def __init__(self) -> None:
+            self.asked: list[list[tuple[str, str]]] = []
+
+        def predict(self, pairs, batch_size, show_progress_bar):
+            self.asked.append(list(pairs))
+            return [len(a) + len(b) / 10 for a, b in pairs]
+
+    model = Counting()
+    score = scorer(model)
+    assert score([("a", "bb"), ("a", "bb"), ("c", "d")]).tolist() == [1.2, 1.2, 1.1]
+    assert score([("c", "d"), ("e", "f")]).tolist() == [1.1, 1.1]
+    assert score([]).shape == (0,)
+    assert model.asked == [[("a", "bb"), ("c", "d")], [("e", "f")]]
+
+
+def test_nearest_other_group_is_the_most_word_sharing_text_ties_to_the_larger() -> None:
+    """The sparse product picks what a plain ``max`` over every other group's text picks, ties included."""
+    import random
+
+    from cachelora.traffic import words
+
+    rng = random.Random(3)
+    vocabulary = ["dose", "child", "ibuprofen", "tenant", "lease", "python", "repo", "sleep", "panic", "can"]
+    groups = []
+    for g in range(12):
+        texts = sorted({" ".join(rng.sample(vocabulary, rng.randint(1, 4))) + f" q{g}" for _ in range(4)})
+        misses = tuple((t, "dose") for t in texts[2:])
+        groups.append(AnswerGroup(f"g{g}", "medical", texts[0], tuple(texts[1:2]), misses))
+    owner = {t: g.group_id for g in groups for t in g.texts}
+
+    def jaccard(a: str, b: str) -> float:
+        return len(words(a) & words(b)) / len(words(a) | words(b))
+
+    def brute(text: str) -> str:
+        return max((t for t in owner if owner[t] != owner[text]), key=lambda t: (jaccard(text, t), t))
+
+    nearest = V.nearest_other_group(groups)
+    assert nearest == {t: brute(t) for t in owner}
+    scores = {t: [jaccard(t, o) for o in owner if owner[o] != owner[t]] for t in owner}
+    tied = [t for t in owner if scores[t].count(jaccard(t, nearest[t])) > 1]
+    assert tied, "the data must hold ties for the tie-break to be tested"

@@ -7,6 +7,7 @@ import hashlib
 import logging
 import os
 import shutil
+import time
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -113,12 +114,39 @@ def model_sha256(name: str) -> str:
     return hashlib.sha256(listing.encode("utf-8")).hexdigest()
 
 
-def use_threads(threads: int) -> None:
-    """Run torch on ``threads`` CPU threads (0: leave torch's default, one per core)."""
+def cpu_times(stat: Path = Path("/proc/stat")) -> tuple[float, float]:
+    """(idle, total) jiffies of every CPU of the machine since boot (``/proc/stat``'s first line)."""
+    fields = [float(x) for x in stat.read_text().split("\n", 1)[0].split()[1:9]]
+    return fields[3] + fields[4], sum(fields)  # idle + iowait; user .. steal (guest is inside user)
+
+
+def idle_cpus(window: float = 0.25) -> int:
+    """The CPUs this process may use that sat idle over the next ``window`` seconds (a CPU counts when
+    at least 3/4 idle), at least 1; without ``/proc/stat``, those CPUs less the 1-minute load average."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        idle_before, total_before = cpu_times()
+        time.sleep(window)
+        idle_after, total_after = cpu_times()
+        share = (idle_after - idle_before) / max(total_after - total_before, 1.0)
+        idle = share * (os.cpu_count() or usable)
+    except (OSError, ValueError, IndexError):
+        idle = usable - os.getloadavg()[0]
+    return max(1, min(usable, int(idle + 0.25)))
+
+
+def use_threads(threads: int | str) -> int:
+    """Run torch on ``threads`` CPU threads (0: leave torch's default, one per core; ``auto``: the
+    CPUs idle right now, so a busy machine gets 1 and does not thrash). Returns the count in use.
+    The count changes timings only: outputs are the same at any count."""
     import torch
 
+    if threads == "auto":
+        threads = idle_cpus()
+        log.info("torch threads: %d (auto: the CPUs idle now, of %d)", threads, os.cpu_count() or 1)
     if threads:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(int(threads))
+    return torch.get_num_threads()
 
 
 def pick_device(device: str) -> str:

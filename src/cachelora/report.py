@@ -32,6 +32,7 @@ TRAFFIC = paths.METRICS_DIR / "traffic.json"
 TRAFFIC_COST = paths.METRICS_DIR / "traffic_cost.json"
 ABLATION = Path("benchmarks/results/ablation.json")  # benchmarks/ablation_near_miss.py: no near-miss negatives
 ABLATION_VERIFIER = Path("benchmarks/results/ablation_verifier.json")  # benchmarks/ablation_verifier.py
+REFERENCE = Path("benchmarks/results/reference.json")  # benchmarks/reference_models.py: references outside dvc repro
 HEADLINE_JSON = paths.METRICS_DIR / "headline.json"  # what dvc.yaml declares as metrics
 
 
@@ -108,17 +109,42 @@ def git_commit(inputs: list[str]) -> str:
 # --- the tables ----------------------------------------------------------------------------------
 
 
+def _references(params: Params) -> list[str]:
+    """The reference models: those the pipeline scores (``evaluate.reference_models``), then those
+    ``benchmarks/reference_models.py`` scored outside it."""
+    inside = params.evaluate.reference_models
+    return [*inside, *(m for m in read_json(REFERENCE)["models"] if m not in inside)]
+
+
+def _source(params: Params, model: str, kind: str) -> tuple[Path, str]:
+    """Where one model's figures of a kind (``eval``, ``traffic``, ``cost`` or ``traffic_cost``) are:
+    the file and the key prefix. A reference the pipeline did not score is in the benchmark's file."""
+    key = model if kind == "eval" else f"models.{model}"
+    if model not in params.evaluate.reference_models and model in _references(params):
+        return REFERENCE, f"{kind}.{model if kind == 'traffic' else key}"
+    return {"eval": EVAL, "traffic": TRAFFIC, "cost": paths.COST, "traffic_cost": TRAFFIC_COST}[kind], key
+
+
+def _outside(params: Params) -> list[str]:
+    """The references ``benchmarks/reference_models.py`` scored (timed beside the baseline in its own run)."""
+    return [m for m in _references(params) if m not in params.evaluate.reference_models]
+
+
 def _models(params: Params) -> list[str]:
-    return [BASELINE, *params.train_models, MERGED, *params.evaluate.reference_models]
+    return [BASELINE, *params.train_models, MERGED, *_references(params)]
 
 
 def _groups(params: Params) -> list[str]:
     return [*params.domains, ALL]
 
 
-def _columns(model: str, group: str, columns: tuple[tuple[str, str, str, str], ...]) -> tuple[Cell, ...]:
-    """One cell per column: (header, set, key, format) read as ``<model>.<set>.<group>.<key>``."""
-    return tuple(Cell(EVAL, f"{model}.{s}.{group}.{key}", fmt) for _, s, key, fmt in columns)
+def _columns(
+    params: Params, model: str, group: str, columns: tuple[tuple[str, str, str, str], ...]
+) -> tuple[Cell, ...]:
+    """One cell per column: (header, set, key, format) read as ``<model>.<set>.<group>.<key>`` of
+    eval.json (of the reference benchmark's ``eval`` for a reference scored outside the pipeline)."""
+    source, prefix = _source(params, model, "eval")
+    return tuple(Cell(source, f"{prefix}.{s}.{group}.{key}", fmt) for _, s, key, fmt in columns)
 
 
 HEADLINE_COLUMNS = (
@@ -169,8 +195,8 @@ COST_FIGURES = (
 def headline_table(params: Params) -> Table:
     """Per domain (and all domains in one cache): what a cache does at the val-chosen operating point,
     on the generated test split and the natural test set, for the baseline, multi and merged."""
-    shown = (BASELINE, MULTI, MERGED, *params.evaluate.reference_models)
-    rows = tuple((g, m, *_columns(m, g, HEADLINE_COLUMNS)) for g in _groups(params) for m in shown)
+    shown = (BASELINE, MULTI, MERGED, *_references(params))
+    rows = tuple((g, m, *_columns(params, m, g, HEADLINE_COLUMNS)) for g in _groups(params) for m in shown)
     header = ("domain", "model", *(c[0] for c in HEADLINE_COLUMNS))
     return Table(
         "Headline: cache hit rate at the val-chosen operating point (generated test, natural test)", header, rows
@@ -195,7 +221,7 @@ def _traffic_models(params: Params) -> list[tuple[str, str]]:
     return [
         ("baseline", BASELINE),
         *([(f"{deploy} (deploy)", deploy)] if deploy != BASELINE else []),
-        *((r, r) for r in params.evaluate.reference_models),
+        *((r, r) for r in _references(params)),
     ]
 
 
@@ -226,14 +252,14 @@ def traffic_table(params: Params) -> Table:
 
 def traffic_ablation_table(params: Params) -> Table:
     """Every traffic-replayed model, alone and with the verifier, on traffic dev and test (all domains)."""
-    models = read_json(TRAFFIC)["models"]
     rows = []
     for label, m in _traffic_models(params):
+        source, prefix = _source(params, m, "traffic")
         for mode_label, mode in TRAFFIC_MODES:
-            if mode not in models.get(m, {}):
+            if mode not in lookup(read_json(source), prefix, source):
                 continue
             cells = (
-                Cell(TRAFFIC, f"models.{m}.{mode}.{s}.{ALL}.{k}", ".3f")
+                Cell(source, f"{prefix}.{mode}.{s}.{ALL}.{k}", ".3f")
                 for s in ("dev", "test")
                 for _, k in TRAFFIC_FIGURES
             )
@@ -292,24 +318,38 @@ def ablation_natural_table() -> Table:
 def traffic_cost_table(params: Params) -> Table:
     """What a lookup costs on CPU at batch 1 for each traffic model, alone and with the verifier (the
     verifier reads only the lookups whose nearest entry reaches the embedding threshold and has no rival)."""
-    costs = read_json(TRAFFIC_COST)["models"]
     rows = []
     for label, m in _traffic_models(params):
+        source, prefix = _source(params, m, "traffic_cost")
         for mode_label, mode in TRAFFIC_MODES[1:]:
-            if mode in costs.get(m, {}):
+            if mode in lookup(read_json(source), prefix, source):
                 rows.append(
                     (
                         label,
                         mode_label,
-                        Cell(TRAFFIC_COST, f"models.{m}.embedding_ms_batch_1", ".2f"),
-                        Cell(TRAFFIC_COST, f"models.{m}.{mode}.verified_share", ".3f"),
-                        Cell(TRAFFIC_COST, f"models.{m}.{mode}.lookup_ms_batch_1", ".2f"),
-                        Cell(TRAFFIC_COST, f"models.{m}.{mode}.lookup_over_embedding", ".2f"),
+                        Cell(source, f"{prefix}.embedding_ms_batch_1", ".2f"),
+                        Cell(source, f"{prefix}.{mode}.verified_share", ".3f"),
+                        Cell(source, f"{prefix}.{mode}.lookup_ms_batch_1", ".2f"),
+                        Cell(source, f"{prefix}.{mode}.lookup_over_embedding", ".2f"),
                     )
                 )
+    if _outside(params):
+        cell = Cell(REFERENCE, f"traffic_cost.models.{BASELINE}.embedding_ms_batch_1", ".2f")
+        rows.append((f"{BASELINE} (timed with the references)", TRAFFIC_MODES[1][0], cell, "—", "—", "—"))
     header = ("model", "settings", "embedding ms", "share verified (test)", "lookup ms", "lookup / embedding")
-    load = load_note(read_json(TRAFFIC_COST)["load"])
-    return Table(f"Cost per lookup on traffic test (CPU, batch 1, one run; {load})", header, tuple(rows))
+    return Table(
+        f"Cost per lookup on traffic test (CPU, batch 1; {_timing_runs(params, TRAFFIC_COST)})", header, tuple(rows)
+    )
+
+
+def _timing_runs(params: Params, source: Path) -> str:
+    """Which run timed a cost table's rows: the stage's (with its load), and the reference benchmark's."""
+    note = f"one run, {load_note(read_json(source)['load'])}"
+    if _outside(params):
+        kind = "cost" if source == paths.COST else "traffic_cost"
+        reference_load = load_note(read_json(REFERENCE)[kind]["load"])
+        note += f"; {', '.join(_outside(params))} timed beside the baseline in another run, {reference_load}"
+    return note
 
 
 def verifier_cost_table() -> Table:
@@ -389,15 +429,19 @@ def cost_table(params: Params) -> Table:
     for role, m in (
         ("baseline", BASELINE),
         ("deploy", deploy),
-        *(("reference", r) for r in params.evaluate.reference_models),
+        *(("reference", r) for r in _references(params)),
     ):
-        timing = tuple(Cell(paths.COST, f"models.{m}.{k}", f) for _, k, f in COST_FIGURES)
-        rows.append((f"{m} ({role})", *timing, *_columns(m, ALL, COST_COLUMNS)))
+        source, prefix = _source(params, m, "cost")
+        timing = tuple(Cell(source, f"{prefix}.{k}", f) for _, k, f in COST_FIGURES)
+        rows.append((f"{m} ({role})", *timing, *_columns(params, m, ALL, COST_COLUMNS)))
+    if _outside(params):
+        timing = tuple(Cell(REFERENCE, f"cost.models.{BASELINE}.{k}", f) for _, k, f in COST_FIGURES)
+        rows.append(
+            (f"{BASELINE} (timed with the references)", *timing, *_columns(params, BASELINE, ALL, COST_COLUMNS))
+        )
     header = ("model", *(c[0] for c in COST_FIGURES), *(c[0] for c in COST_COLUMNS))
-    load = load_note(read_json(paths.COST)["load"])
-    return Table(
-        f"Cost against quality: all domains, one cache (CPU timings from one run; {load})", header, tuple(rows)
-    )
+    title = f"Cost against quality: all domains, one cache (CPU timings: {_timing_runs(params, paths.COST)})"
+    return Table(title, header, tuple(rows))
 
 
 def model_tables(params: Params) -> list[Table]:
@@ -407,7 +451,7 @@ def model_tables(params: Params) -> list[Table]:
         Table(
             f"{'all domains, one cache' if g == ALL else g}: every model (generated test, natural test)",
             header,
-            tuple((m, *_columns(m, g, MODEL_COLUMNS)) for m in _models(params)),
+            tuple((m, *_columns(params, m, g, MODEL_COLUMNS)) for m in _models(params)),
         )
         for g in _groups(params)
     ]
@@ -579,8 +623,10 @@ def render_results(params: Params) -> str:
         "Clopper-Pearson lower bound on hit precision reaches the target (a domain that cannot certify it alone",
         "takes the pooled one); the deploy table gives each with its counts, bound and natural test figures.",
         "Test topics and phrasings are unseen by every model (README, Pipeline: `split`). AP is threshold-free.",
-        "Reference models (no adapter) are scored the same way and never deployed; the cost table's timings",
-        "come from the evaluate stage's own run (`metrics/cost.json`): compare them only with each other.",
+        "Reference models (no adapter) are scored the same way and never deployed; those outside",
+        "`evaluate.reference_models` by `benchmarks/reference_models.py` with the stages' own functions",
+        "(`benchmarks/results/reference.json`). The cost table's timings come from the evaluate stage's own run",
+        "(`metrics/cost.json`), a reference's from the benchmark's run beside the baseline: compare within a run.",
         "Gain % is the seeds' margin gain over the baseline, with a paired-bootstrap 95 % CI over whole topics.",
         "",
         "**Traffic replay** (docs/metrics.md): per domain, every original of `data/natural/traffic/<set>` is",

@@ -63,19 +63,42 @@ def group_pairs(groups: list[AnswerGroup]) -> list[tuple[str, str, int]]:
         asks = [g.original, *g.reasks]
         pairs += [(a, b, 1) for i, a in enumerate(asks) for b in asks[i + 1 :]]
         pairs += [(miss, a, 0) for miss, _ in g.near_misses for a in asks]
-    owner = {t: g.group_id for g in groups for t in g.texts}
-    vocabulary = {t: words(t) for t in owner}
+    nearest = nearest_other_group(groups)
+    several = len({g.group_id for g in groups}) > 1
     met: set[frozenset[str]] = set()
     for g in groups:
-        others = [t for t in owner if owner[t] != g.group_id]
-        for text in g.texts[1:] if others else ():
-            mine = vocabulary[text]
-            nearest = max(others, key=lambda t: (len(mine & vocabulary[t]) / len(mine | vocabulary[t]), t))
-            pair = frozenset((text, nearest))
+        for text in g.texts[1:] if several else ():
+            pair = frozenset((text, nearest[text]))
             if pair not in met:  # two texts each other's nearest: one pair
                 met.add(pair)
-                pairs.append((text, nearest, 0))
+                pairs.append((text, nearest[text], 0))
     return pairs
+
+
+def nearest_other_group(groups: list[AnswerGroup]) -> dict[str, str]:
+    """Each text's nearest text of another group by word Jaccard (ties: the larger text, as ``max``
+    orders strings), from one sparse product of the texts' word sets."""
+    from scipy.sparse import csr_matrix
+
+    owner = {t: g.group_id for g in groups for t in g.texts}
+    texts = list(owner)
+    vocabulary = [sorted(words(t)) for t in texts]
+    columns = {w: k for k, w in enumerate(sorted({w for v in vocabulary for w in v}))}
+    rows = [i for i, v in enumerate(vocabulary) for _ in v]
+    cols = [columns[w] for v in vocabulary for w in v]
+    onehot = csr_matrix((np.ones(len(rows), dtype=np.int64), (rows, cols)), shape=(len(texts), len(columns)))
+    shared = (onehot @ onehot.T).toarray()
+    sizes = np.array([len(v) for v in vocabulary])
+    jaccard = shared / (sizes[:, None] + sizes[None, :] - shared)
+    group_of = np.array([owner[t] for t in texts], dtype=object)
+    jaccard[group_of[:, None] == group_of[None, :]] = -1.0  # a text's own group is never its nearest
+    rank = np.empty(len(texts), dtype=np.int64)
+    rank[sorted(range(len(texts)), key=texts.__getitem__)] = np.arange(len(texts))
+    out = {}
+    for i, text in enumerate(texts):
+        ties = np.flatnonzero(jaccard[i] == jaccard[i].max())
+        out[text] = texts[ties[np.argmax(rank[ties])]]
+    return out
 
 
 def with_verifier_near_misses(rows: list[dict[str, Any]], params: Params) -> list[dict[str, Any]]:

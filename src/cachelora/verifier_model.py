@@ -27,11 +27,16 @@ def load_verifier(path: str | Path = "") -> Any:
 
 
 def scorer(model: Any, batch_size: int = 64) -> Any:
-    """(query, cached) pairs -> probabilities that the cached answer serves the query."""
+    """(query, cached) pairs -> probabilities that the cached answer serves the query. Each distinct
+    pair is read once per scorer (a stage's models ask about many of the same pairs): later calls
+    reuse the score of the batch it first came in."""
+    known: dict[tuple[str, str], float] = {}
 
     def score(pairs: list[tuple[str, str]]) -> np.ndarray:
-        if not pairs:
-            return np.zeros(0)
-        return np.asarray(model.predict(pairs, batch_size=batch_size, show_progress_bar=False), dtype=np.float64)
+        new = [p for p in dict.fromkeys(pairs) if p not in known]
+        if new:
+            values = model.predict(new, batch_size=batch_size, show_progress_bar=False)
+            known.update(zip(new, np.asarray(values, dtype=np.float64).tolist(), strict=True))
+        return np.array([known[p] for p in pairs], dtype=np.float64)
 
     return score
