@@ -9,7 +9,7 @@ from cachelora.records import write_json
 from cachelora.training_log import training_log
 from cachelora.triplets import read_triplets
 from cachelora.verifier import pair_quality, save_verifier, train_verifier, with_verifier_near_misses
-from cachelora.verifier_model import VERIFIER, verifier_dir
+from cachelora.verifier_model import VERIFIER, scorer, verifier_dir
 
 
 @click.command()
@@ -23,8 +23,9 @@ def main() -> None:
         rows = [row for d in params.domains for row in read_triplets(paths.split_file(d, "val"))]
         edited = with_verifier_near_misses(rows, params)  # once: it loads every lexicon
         val = {d: [row for row in edited if row["domain"] == d] for d in params.domains}
-        quality = {d: pair_quality(model, rows) for d, rows in val.items()}
-        quality["all"] = pair_quality(model, [r for rows in val.values() for r in rows])
+        score = scorer(model)  # each val pair read once: "all" reuses the domains' scores
+        quality = {d: pair_quality(score, rows) for d, rows in val.items()}
+        quality["all"] = pair_quality(score, [r for rows in val.values() for r in rows])
         for key in ("roc_auc", "near_miss_roc_auc"):
             if quality["all"][key] is not None:
                 log.result(f"val_{key}", quality["all"][key])

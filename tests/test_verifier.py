@@ -125,7 +125,9 @@ def test_pair_quality_reads_auc_overall_and_on_near_misses() -> None:
             positives = {(r["anchor"], r["positive"]) for r in ROWS}
             return np.array([1.0 if p in positives else 0.0 for p in pairs])
 
-    quality = V.pair_quality(Oracle(), ROWS)
+    from cachelora.verifier_model import scorer
+
+    quality = V.pair_quality(scorer(Oracle()), ROWS)
     near = sum("near_miss_of" in r for r in ROWS)
     assert quality == {"rows": len(ROWS), "near_miss_rows": near, "roc_auc": 1.0, "near_miss_roc_auc": 1.0}
 

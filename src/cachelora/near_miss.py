@@ -10,6 +10,7 @@ learns that a question worded like the anchor but asking something else is not i
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 from typing import Any
@@ -22,6 +23,7 @@ NEAR_MISS = "near_miss"  # negative_kind prefix: near_miss:<kind>
 REPLACE_SHARE = 0.7  # how often a replacement is chosen over an added qualifier, where both apply
 
 
+@functools.cache  # the same lexicon phrases, for every row
 def _word(phrase: str) -> re.Pattern[str]:
     """``phrase`` as a whole word or phrase (an apostrophe joins words: "can" is not in "can't")."""
     return re.compile(rf"(?<![\w']){re.escape(phrase)}(?![\w'])", re.IGNORECASE)

@@ -226,9 +226,10 @@ def train_verifier(
     return model, info, run, history
 
 
-def pair_quality(model: Any, rows: list[dict[str, Any]], batch_size: int = 64) -> dict[str, Any]:
-    """The verifier on held-out triplets (a val split): ROC AUC of (anchor, positive) against
-    (anchor, negative) over every row, and over the near-miss rows alone, with the row counts."""
+def pair_quality(score: Any, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The verifier (a :func:`~cachelora.verifier_model.scorer`) on held-out triplets (a val split):
+    ROC AUC of (anchor, positive) against (anchor, negative) over every row, and over the near-miss
+    rows alone, with the row counts."""
     from sklearn.metrics import roc_auc_score
 
     def auc(subset: list[dict[str, Any]]) -> float | None:
@@ -236,7 +237,7 @@ def pair_quality(model: Any, rows: list[dict[str, Any]], batch_size: int = 64) -
             return None
         pairs = [(r["anchor"], r["positive"]) for r in subset] + [(r["anchor"], r["negative"]) for r in subset]
         labels = [1] * len(subset) + [0] * len(subset)
-        return round(float(roc_auc_score(labels, scorer(model, batch_size)(pairs))), 6)
+        return round(float(roc_auc_score(labels, score(pairs))), 6)
 
     near = [r for r in rows if "near_miss_of" in r]
     return {"rows": len(rows), "near_miss_rows": len(near), "roc_auc": auc(rows), "near_miss_roc_auc": auc(near)}
