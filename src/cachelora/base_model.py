@@ -138,7 +138,8 @@ def idle_cpus(window: float = 0.25) -> int:
 def use_threads(threads: int | str) -> int:
     """Run torch on ``threads`` CPU threads (0: leave torch's default, one per core; ``auto``: the
     CPUs idle right now, so a busy machine gets 1 and does not thrash). Returns the count in use.
-    The count changes timings only: outputs are the same at any count."""
+    Encoding and scoring read the same at any count; training does not (its sums run in another
+    order), so ``train.threads`` is a fixed count."""
     import torch
 
     if threads == "auto":
