@@ -157,7 +157,8 @@ def main() -> None:
         scratch, peaks, stage_s = repro(root, opts.target, opts.interval)
         noop, _, _ = repro(root, opts.target, opts.interval)
         ours, theirs = output_md5s(REPO / "dvc.lock"), output_md5s(root / "dvc.lock")
-        differing = sorted(p for p in theirs if p in ours and ours[p] != theirs[p])
+        compared = [p for p in theirs if p in ours]
+        differing = sorted(p for p in compared if ours[p] != theirs[p])
     finally:
         if opts.keep:
             print(f"kept {root}")
@@ -169,7 +170,7 @@ def main() -> None:
         "repro_from_scratch_s": scratch, "repro_noop_s": noop, "peak_rss_mib_by_stage": mib,
         "heaviest_stage": heaviest, "stage_wall_s": dict(sorted(stage_s.items())),
         "stage_wall_s_sum": round(sum(stage_s.values()), 1), "param_overrides": opts.set,
-        "outputs_compared": len([p for p in theirs if p in ours]), "outputs_differing": differing,
+        "outputs_compared": len(compared), "outputs_differing": differing,
         "targets": opts.target or "all", "params": "tiny (tests)" if opts.quick
         else "params.yaml defaults", "tiny_overrides": TINY if opts.quick else None, "sample_interval_s": opts.interval,
         "rss_method": "max VmHWM of each stage process over samples (psutil RSS where /proc is absent)",
@@ -178,7 +179,7 @@ def main() -> None:
         ("dvc repro from scratch", f"{scratch:.1f} s"),
         ("dvc repro no-op", f"{noop:.1f} s"),
         ("peak RSS, heaviest stage", f"{mib[heaviest]:.0f} MiB ({heaviest})" if heaviest else "n/a"),
-        ("outputs differing from dvc.lock", f"{len(differing)} of {len([p for p in theirs if p in ours])}"),
+        ("outputs differing from dvc.lock", f"{len(differing)} of {len(compared)}"),
         ("scope", f"{' '.join(opts.target) or 'all stages'}, {'tiny params' if opts.quick else 'default params'}"
                   f"{', ' + ' '.join(opts.set) if opts.set else ''}"),
     ])  # fmt: skip

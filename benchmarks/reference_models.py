@@ -38,9 +38,9 @@ def main() -> None:
         BASELINE,
         TRAFFIC_DEV,
         contamination,
+        cost_queries,
         model_loaders,
         models_metrics,
-        natural_rows,
         pipeline_sets,
         reference_loaders,
         score_models,
@@ -48,7 +48,7 @@ def main() -> None:
     from cachelora.params import load_params
     from cachelora.records import read_json
     from cachelora.traffic import read_traffic_sets
-    from cachelora.traffic_evaluation import lookup_costs, shipped_embedding_thresholds, verifier_ms
+    from cachelora.traffic_evaluation import lookup_costs, shipped_embedding_thresholds, timing_inputs, verifier_ms
     from cachelora.traffic_replay import WITH_VERIFIER, replay_model, traffic_replays, traffic_vectors
     from cachelora.verifier_model import load_verifier, scorer, verifier_dir
     from cachelora.verify import dir_md5
@@ -72,13 +72,12 @@ def main() -> None:
     traffic = read_traffic_sets(params.domains)
     verifier = load_verifier()
     verify = scorer(verifier, ep.batch_size)
-    timing_queries = [t for by in traffic["test"].values() for g in by for t in g.reasks[:1]][:64]
-    natural = natural_rows(paths.natural("test"), params.domains, ep.min_rows)
-    cost_queries = sorted({row["anchor"] for rows in natural.values() for row in rows})[:64]
+    timing_queries, pairs = timing_inputs(traffic)
+    queries = cost_queries(params)
     replayed, embed_ms, costs = {}, {}, {}
     for name, load in loaders.items():
         model = load()
-        costs[name] = cost.measure(model, cost_queries, ep.cost_repeats)
+        costs[name] = cost.measure(model, queries, ep.cost_repeats)
         embed_ms[name] = cost.ms_per_query(model, timing_queries, batch_size=1, repeats=3)
         if name == BASELINE:
             continue
@@ -86,14 +85,13 @@ def main() -> None:
         replays = traffic_replays(vectors, traffic, params.traffic.seed, verify, params.traffic.rival_window)
         thresholds = shipped_embedding_thresholds(metrics[name], [*params.domains, ALL])
         replayed[name] = replay_model(replays, ep.target_precision, params.traffic.near_miss_share, verify, thresholds)
-    pairs = [(g.reasks[0], g.original) for groups in traffic["test"].values() for g in groups][:64]
     verify_ms = verifier_ms(verifier, pairs, 1)
     result = {
         "models": args.models,
         "inputs": {"models/verifier": dir_md5(verifier_dir())},
         "eval": {name: metrics[name] for name in args.models},
         "traffic": replayed,
-        "cost": {"load": cost.machine_load(), "queries": len(cost_queries), "models": costs},
+        "cost": {"load": cost.machine_load(), "queries": len(queries), "models": costs},
         "traffic_cost": {
             "load": cost.machine_load(),
             "queries": len(timing_queries),

@@ -40,17 +40,18 @@ def test_a_reference_scored_outside_the_pipeline_is_cited_from_the_benchmarks_fi
     reference = tmp_path / "reference.json"
     reference.write_text(json.dumps({"models": ["big"]}))
     monkeypatch.setattr(report, "REFERENCE", reference)
-    outside = tiny_params()
-    assert report._references(outside) == ["big"] and report._outside(outside) == ["big"]
-    assert [report._source(outside, "big", k) for k in ("eval", "traffic", "cost", "traffic_cost")] == [
+    params = tiny_params()
+    outside = report._outside(params)
+    assert outside == ["big"] and report._references(params, outside) == ["big"]
+    assert [report._source("big", k, outside) for k in ("eval", "traffic", "cost", "traffic_cost")] == [
         (reference, "eval.big"),
         (reference, "traffic.big"),
         (reference, "cost.models.big"),
         (reference, "traffic_cost.models.big"),
     ]
-    assert report._source(outside, "baseline", "eval") == (report.EVAL, "baseline")
-    assert report._source(outside, "baseline", "cost") == (paths.COST, "models.baseline")
+    assert report._source("baseline", "eval", outside) == (report.EVAL, "baseline")
+    assert report._source("baseline", "cost", outside) == (paths.COST, "models.baseline")
     inside = tiny_params(evaluate={"reference_models": ["big", "other"]})
-    assert report._references(inside) == ["big", "other"] and report._outside(inside) == []
-    assert report._source(inside, "big", "traffic") == (report.TRAFFIC, "models.big")
-    assert report._source(inside, "big", "traffic_cost") == (report.TRAFFIC_COST, "models.big")
+    assert report._outside(inside) == [] and report._references(inside, []) == ["big", "other"]
+    assert report._source("big", "traffic", []) == (report.TRAFFIC, "models.big")
+    assert report._source("big", "traffic_cost", []) == (report.TRAFFIC_COST, "models.big")

@@ -495,12 +495,17 @@ def cost_models(params: Params, deploy: str) -> dict[str, Callable[[], Any]]:
     return {**loaders, **reference_loaders(params)}
 
 
+def cost_queries(params: Params) -> list[str]:
+    """The queries the cost table times: the first 64 distinct natural test anchors, sorted."""
+    natural = natural_rows(paths.natural("test"), params.domains, params.evaluate.min_rows)
+    return sorted({row["anchor"] for rows in natural.values() for row in rows})[:64]
+
+
 def pipeline_cost(params: Params, deploy: str) -> dict[str, Any]:
     """Parameters and CPU ms/query (batch 1 and 32) of the cost table's models, on the natural test anchors."""
     from cachelora import cost
 
-    natural = natural_rows(paths.natural("test"), params.domains, params.evaluate.min_rows)
-    queries = sorted({row["anchor"] for rows in natural.values() for row in rows})[:64]
+    queries = cost_queries(params)
     figures = {
         name: cost.measure(load(), queries, params.evaluate.cost_repeats)
         for name, load in cost_models(params, deploy).items()

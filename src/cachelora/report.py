@@ -109,29 +109,28 @@ def git_commit(inputs: list[str]) -> str:
 # --- the tables ----------------------------------------------------------------------------------
 
 
-def _references(params: Params) -> list[str]:
-    """The reference models: those the pipeline scores (``evaluate.reference_models``), then those
-    ``benchmarks/reference_models.py`` scored outside it."""
-    inside = params.evaluate.reference_models
-    return [*inside, *(m for m in read_json(REFERENCE)["models"] if m not in inside)]
+def _outside(params: Params) -> list[str]:
+    """The references ``benchmarks/reference_models.py`` scored outside the pipeline (those not in
+    ``evaluate.reference_models``; each timed beside the baseline in the benchmark's own run)."""
+    return [m for m in read_json(REFERENCE)["models"] if m not in params.evaluate.reference_models]
 
 
-def _source(params: Params, model: str, kind: str) -> tuple[Path, str]:
+def _references(params: Params, outside: list[str]) -> list[str]:
+    """The reference models: those the pipeline scores, then ``outside`` (:func:`_outside`)."""
+    return [*params.evaluate.reference_models, *outside]
+
+
+def _source(model: str, kind: str, outside: list[str]) -> tuple[Path, str]:
     """Where one model's figures of a kind (``eval``, ``traffic``, ``cost`` or ``traffic_cost``) are:
-    the file and the key prefix. A reference the pipeline did not score is in the benchmark's file."""
+    the file and the key prefix. A reference in ``outside`` is in the benchmark's file."""
     key = model if kind == "eval" else f"models.{model}"
-    if model not in params.evaluate.reference_models and model in _references(params):
+    if model in outside:
         return REFERENCE, f"{kind}.{model if kind == 'traffic' else key}"
     return {"eval": EVAL, "traffic": TRAFFIC, "cost": paths.COST, "traffic_cost": TRAFFIC_COST}[kind], key
 
 
-def _outside(params: Params) -> list[str]:
-    """The references ``benchmarks/reference_models.py`` scored (timed beside the baseline in its own run)."""
-    return [m for m in _references(params) if m not in params.evaluate.reference_models]
-
-
-def _models(params: Params) -> list[str]:
-    return [BASELINE, *params.train_models, MERGED, *_references(params)]
+def _models(params: Params, outside: list[str]) -> list[str]:
+    return [BASELINE, *params.train_models, MERGED, *_references(params, outside)]
 
 
 def _groups(params: Params) -> list[str]:
@@ -139,11 +138,11 @@ def _groups(params: Params) -> list[str]:
 
 
 def _columns(
-    params: Params, model: str, group: str, columns: tuple[tuple[str, str, str, str], ...]
+    model: str, group: str, columns: tuple[tuple[str, str, str, str], ...], outside: list[str]
 ) -> tuple[Cell, ...]:
     """One cell per column: (header, set, key, format) read as ``<model>.<set>.<group>.<key>`` of
-    eval.json (of the reference benchmark's ``eval`` for a reference scored outside the pipeline)."""
-    source, prefix = _source(params, model, "eval")
+    eval.json (of the reference benchmark's ``eval`` for a reference in ``outside``)."""
+    source, prefix = _source(model, "eval", outside)
     return tuple(Cell(source, f"{prefix}.{s}.{group}.{key}", fmt) for _, s, key, fmt in columns)
 
 
@@ -195,8 +194,9 @@ COST_FIGURES = (
 def headline_table(params: Params) -> Table:
     """Per domain (and all domains in one cache): what a cache does at the val-chosen operating point,
     on the generated test split and the natural test set, for the baseline, multi and merged."""
-    shown = (BASELINE, MULTI, MERGED, *_references(params))
-    rows = tuple((g, m, *_columns(params, m, g, HEADLINE_COLUMNS)) for g in _groups(params) for m in shown)
+    outside = _outside(params)
+    shown = (BASELINE, MULTI, MERGED, *_references(params, outside))
+    rows = tuple((g, m, *_columns(m, g, HEADLINE_COLUMNS, outside)) for g in _groups(params) for m in shown)
     header = ("domain", "model", *(c[0] for c in HEADLINE_COLUMNS))
     return Table(
         "Headline: cache hit rate at the val-chosen operating point (generated test, natural test)", header, rows
@@ -215,13 +215,13 @@ TRAFFIC_MODES = (
 )
 
 
-def _traffic_models(params: Params) -> list[tuple[str, str]]:
+def _traffic_models(params: Params, outside: list[str]) -> list[tuple[str, str]]:
     """(label, model) rows of the traffic tables: baseline, the deploy model, each reference."""
     deploy = read_json(TRAFFIC)["shipped"]["model"]
     return [
         ("baseline", BASELINE),
         *([(f"{deploy} (deploy)", deploy)] if deploy != BASELINE else []),
-        *((r, r) for r in _references(params)),
+        *((r, r) for r in _references(params, outside)),
     ]
 
 
@@ -252,11 +252,12 @@ def traffic_table(params: Params) -> Table:
 
 def traffic_ablation_table(params: Params) -> Table:
     """Every traffic-replayed model, alone and with the verifier, on traffic dev and test (all domains)."""
-    rows = []
-    for label, m in _traffic_models(params):
-        source, prefix = _source(params, m, "traffic")
+    rows, outside = [], _outside(params)
+    for label, m in _traffic_models(params, outside):
+        source, prefix = _source(m, "traffic", outside)
+        modes = lookup(read_json(source), prefix, source)
         for mode_label, mode in TRAFFIC_MODES:
-            if mode not in lookup(read_json(source), prefix, source):
+            if mode not in modes:
                 continue
             cells = (
                 Cell(source, f"{prefix}.{mode}.{s}.{ALL}.{k}", ".3f")
@@ -318,11 +319,12 @@ def ablation_natural_table() -> Table:
 def traffic_cost_table(params: Params) -> Table:
     """What a lookup costs on CPU at batch 1 for each traffic model, alone and with the verifier (the
     verifier reads only the lookups whose nearest entry reaches the embedding threshold and has no rival)."""
-    rows = []
-    for label, m in _traffic_models(params):
-        source, prefix = _source(params, m, "traffic_cost")
+    rows, outside = [], _outside(params)
+    for label, m in _traffic_models(params, outside):
+        source, prefix = _source(m, "traffic_cost", outside)
+        modes = lookup(read_json(source), prefix, source)
         for mode_label, mode in TRAFFIC_MODES[1:]:
-            if mode in lookup(read_json(source), prefix, source):
+            if mode in modes:
                 rows.append(
                     (
                         label,
@@ -333,22 +335,22 @@ def traffic_cost_table(params: Params) -> Table:
                         Cell(source, f"{prefix}.{mode}.lookup_over_embedding", ".2f"),
                     )
                 )
-    if _outside(params):
+    if outside:
         cell = Cell(REFERENCE, f"traffic_cost.models.{BASELINE}.embedding_ms_batch_1", ".2f")
         rows.append((f"{BASELINE} (timed with the references)", TRAFFIC_MODES[1][0], cell, "—", "—", "—"))
     header = ("model", "settings", "embedding ms", "share verified (test)", "lookup ms", "lookup / embedding")
     return Table(
-        f"Cost per lookup on traffic test (CPU, batch 1; {_timing_runs(params, TRAFFIC_COST)})", header, tuple(rows)
+        f"Cost per lookup on traffic test (CPU, batch 1; {_timing_runs(TRAFFIC_COST, outside)})", header, tuple(rows)
     )
 
 
-def _timing_runs(params: Params, source: Path) -> str:
+def _timing_runs(source: Path, outside: list[str]) -> str:
     """Which run timed a cost table's rows: the stage's (with its load), and the reference benchmark's."""
     note = f"one run, {load_note(read_json(source)['load'])}"
-    if _outside(params):
+    if outside:
         kind = "cost" if source == paths.COST else "traffic_cost"
         reference_load = load_note(read_json(REFERENCE)[kind]["load"])
-        note += f"; {', '.join(_outside(params))} timed beside the baseline in another run, {reference_load}"
+        note += f"; {', '.join(outside)} timed beside the baseline in another run, {reference_load}"
     return note
 
 
@@ -425,33 +427,33 @@ def _val_deploy_table(params: Params, deploy: dict[str, Any]) -> Table:
 def cost_table(params: Params) -> Table:
     """Cost against quality: the baseline, the deploy model and each reference, timed in one run."""
     deploy = read_json(EVAL)["deploy"]["model"]
-    rows = []
+    rows, outside = [], _outside(params)
     for role, m in (
         ("baseline", BASELINE),
         ("deploy", deploy),
-        *(("reference", r) for r in _references(params)),
+        *(("reference", r) for r in _references(params, outside)),
     ):
-        source, prefix = _source(params, m, "cost")
+        source, prefix = _source(m, "cost", outside)
         timing = tuple(Cell(source, f"{prefix}.{k}", f) for _, k, f in COST_FIGURES)
-        rows.append((f"{m} ({role})", *timing, *_columns(params, m, ALL, COST_COLUMNS)))
-    if _outside(params):
+        rows.append((f"{m} ({role})", *timing, *_columns(m, ALL, COST_COLUMNS, outside)))
+    if outside:
         timing = tuple(Cell(REFERENCE, f"cost.models.{BASELINE}.{k}", f) for _, k, f in COST_FIGURES)
         rows.append(
-            (f"{BASELINE} (timed with the references)", *timing, *_columns(params, BASELINE, ALL, COST_COLUMNS))
+            (f"{BASELINE} (timed with the references)", *timing, *_columns(BASELINE, ALL, COST_COLUMNS, outside))
         )
     header = ("model", *(c[0] for c in COST_FIGURES), *(c[0] for c in COST_COLUMNS))
-    title = f"Cost against quality: all domains, one cache (CPU timings: {_timing_runs(params, paths.COST)})"
+    title = f"Cost against quality: all domains, one cache (CPU timings: {_timing_runs(paths.COST, outside)})"
     return Table(title, header, tuple(rows))
 
 
 def model_tables(params: Params) -> list[Table]:
     """Every model on each domain (and all): replay, ranking quality and the seeds' margin metrics."""
-    header = ("model", *(c[0] for c in MODEL_COLUMNS))
+    header, outside = ("model", *(c[0] for c in MODEL_COLUMNS)), _outside(params)
     return [
         Table(
             f"{'all domains, one cache' if g == ALL else g}: every model (generated test, natural test)",
             header,
-            tuple((m, *_columns(params, m, g, MODEL_COLUMNS)) for m in _models(params)),
+            tuple((m, *_columns(m, g, MODEL_COLUMNS, outside)) for m in _models(params, outside)),
         )
         for g in _groups(params)
     ]

@@ -172,6 +172,13 @@ def lookup_costs(models: dict[str, Any], embed_ms: dict[str, float], verify_ms: 
     return out
 
 
+def timing_inputs(sets: dict[str, dict[str, list[AnswerGroup]]]) -> tuple[list[str], list[tuple[str, str]]]:
+    """What a lookup's cost is timed on: up to 64 traffic-test re-asks (the embedding), and up to 64
+    (re-ask, original) pairs (the verifier)."""
+    test = [g for groups in sets["test"].values() for g in groups]
+    return [g.reasks[0] for g in test if g.reasks][:64], [(g.reasks[0], g.original) for g in test][:64]
+
+
 def pipeline_traffic(params: Params) -> dict[str, Any]:
     """Check the traffic sets, replay every model on them, and write ``metrics/traffic.json``."""
     from cachelora.base_model import use_threads
@@ -191,7 +198,7 @@ def pipeline_traffic(params: Params) -> dict[str, Any]:
     loaders.update(reference_loaders(params))
     verifier_model = load_verifier()
     verify = scorer(verifier_model, params.evaluate.batch_size)
-    timing_queries = [t for by in sets["test"].values() for g in by for t in g.reasks[:1]][:64]
+    timing_queries, pairs = timing_inputs(sets)
     models: dict[str, Any] = {}
     replays: dict[str, dict[str, dict[str, TrafficReplay]]] = {}
     embed_ms: dict[str, float] = {}
@@ -211,7 +218,6 @@ def pipeline_traffic(params: Params) -> dict[str, Any]:
         )
         embed_ms[name] = ms_per_query(model, timing_queries, batch_size=1, repeats=3)
     shipped = models[deploy][WITH_VERIFIER]
-    pairs = [(g.reasks[0], g.original) for groups in sets["test"].values() for g in groups][:64]
     verify_ms = {b: verifier_ms(verifier_model, pairs, b) for b in (1, 32)}
     result = {
         "target_precision": params.evaluate.target_precision,
