@@ -309,3 +309,21 @@ def test_a_domain_that_cannot_certify_takes_the_pooled_threshold_and_says_so():
     assert found["all"]["hits"] == 100
     assert found["law"]["threshold"] == found["all"]["threshold"] and found["law"]["fallback"] == "all"
     assert found["law"]["hits"] == 20  # law's own counts at the pooled threshold
+
+
+def test_hindsight_is_natural_tests_own_operating_point_and_chooses_nothing():
+    """The yardstick: natural test's in-sample operating point, beside the shipped (natural-dev) threshold;
+    a natural test set that favours a lower threshold moves the yardstick, never what ships."""
+    correct = [True, True, True, False]
+    by_set = with_natural(scored([0.9, 0.8, 0.75, 0.7], [0.1] * 4, correct), [0.9] * 4, [0.9, 0.8, 0.7, 0.6], correct)
+    result = models_metrics({"baseline": by_set}, 0.95, 100, 0)
+    deploy = result["deploy"]
+    yardstick = Replay(np.array([0.9, 0.8, 0.7, 0.6]), np.array(correct)).operating_point(0.95)
+    assert deploy["hindsight"][ALL]["threshold"] == yardstick == 0.7
+    assert deploy["hindsight"][ALL]["hit_rate"] == 0.75 and deploy["hindsight"][ALL]["in_sample"] == 1
+    assert deploy["natural_test"]["hit_rate"] == 0.0 and deploy["hindsight"][ALL]["shipped_share"] == 0.0
+    by_set["natural_test"][ALL] = Scored(
+        by_set["natural_test"][ALL].scores, Replay(np.array([0.3] * 4), np.array([True] * 4))
+    )
+    moved = models_metrics({"baseline": by_set}, 0.95, 100, 0)["deploy"]
+    assert moved["hindsight"][ALL]["threshold"] == 0.3 and moved["threshold"] == deploy["threshold"]

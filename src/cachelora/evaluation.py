@@ -557,7 +557,27 @@ def models_metrics(
         for name in candidates:
             result[name][TRAFFIC_DEV] = traffic_dev[name]
     result["deploy"] = choose_deploy(result, candidates, deploy_on, target_precision)
+    deployed = scored[result["deploy"]["model"]]
+    if "guarantee" in result["deploy"] and HEADLINE_SET in deployed:
+        result["deploy"]["hindsight"] = hindsight(deployed[HEADLINE_SET], result["deploy"], target_precision)
     return result
+
+
+def hindsight(natural_test: dict[str, Scored], deploy: dict[str, Any], target_precision: float) -> dict[str, Any]:
+    """Per group: the natural test hit rate the deploy model reaches at the lowest threshold whose hit
+    precision there reaches ``target_precision`` (chosen on natural test itself: in-sample, a yardstick
+    that chooses nothing), and the share of it the shipped thresholds reach."""
+    out = {}
+    for group, s in natural_test.items():
+        best = s.replay.at(s.replay.operating_point(target_precision))
+        shipped = (deploy if group == ALL else deploy["per_domain"][group])[HEADLINE_SET]
+        share = shipped["hit_rate"] / best["hit_rate"] if best["hit_rate"] else None
+        out[group] = {
+            **{k: best[k] for k in ("threshold", "hit_rate", "hit_precision")},
+            "in_sample": 1,
+            "shipped_share": None if share is None else round(share, 6),
+        }
+    return out
 
 
 def replay_ratios(scored: Scored, threshold: float) -> dict[str, Ratio]:

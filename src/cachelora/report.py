@@ -377,6 +377,7 @@ def deploy_table(params: Params) -> Table:
         found = deploy["guarantee"][g]
         held = deploy[DEPLOY_CALIBRATED_SETS[-1]] if g == ALL else deploy["per_domain"][g][DEPLOY_CALIBRATED_SETS[-1]]
         certified = "yes" if found["certified"] else ("no: all's threshold" if found.get("fallback") else "no")
+        yardstick = _hindsight_cells(deploy, g)
         rows.append(
             (
                 g,
@@ -387,6 +388,7 @@ def deploy_table(params: Params) -> Table:
                 certified,
                 *figures,
                 "yes" if held["hit_precision"] >= target else "NO",
+                *yardstick,
             )
         )
     header = (
@@ -398,6 +400,11 @@ def deploy_table(params: Params) -> Table:
         "certified",
         *(f"{s.replace('_', ' ')} {k}" for s in DEPLOY_CALIBRATED_SETS for k in ("hit rate", "hit precision")),
         f"natural test precision >= {target}",
+        *(
+            (f"natural test hit rate in hindsight (in-sample, precision >= {target})", "shipped share of it")
+            if "hindsight" in deploy
+            else ()
+        ),
     )
     chosen_on = deploy["chosen_on"].replace("_", " ")
     title = (
@@ -405,6 +412,18 @@ def deploy_table(params: Params) -> Table:
         f" a one-sided 95 % Clopper-Pearson lower bound on hit precision >= {target})"
     )
     return Table(title, header, tuple(rows))
+
+
+def _hindsight_cells(deploy: dict[str, Any], group: str) -> tuple[str | Cell, ...]:
+    """The yardstick columns of the deploy table: natural test's own operating point (in-sample) and
+    the share of its hit rate the shipped thresholds reach ("-" where nothing can reach the target)."""
+    if "hindsight" not in deploy:
+        return ()
+    share = deploy["hindsight"][group]["shipped_share"]
+    return (
+        Cell(EVAL, f"deploy.hindsight.{group}.hit_rate", ".3f"),
+        "-" if share is None else Cell(EVAL, f"deploy.hindsight.{group}.shipped_share", ".2f"),
+    )
 
 
 def _val_deploy_table(params: Params, deploy: dict[str, Any]) -> Table:
