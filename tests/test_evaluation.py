@@ -309,6 +309,7 @@ def test_a_domain_that_cannot_certify_takes_the_pooled_threshold_and_says_so():
     assert found["all"]["hits"] == 100
     assert found["law"]["threshold"] == found["all"]["threshold"] and found["law"]["fallback"] == "all"
     assert found["law"]["hits"] == 20  # law's own counts at the pooled threshold
+    assert found["law"]["best"]["hits"] == 20 and found["law"]["best"]["precision_lower_bound"] < 0.95  # alone
 
 
 def test_hindsight_is_natural_tests_own_operating_point_and_chooses_nothing():

@@ -211,3 +211,15 @@ def test_the_exported_directory_read_as_the_router_reads_it_gives_evaluates_vect
             vector = torch.nn.functional.normalize(pooled, dim=0).numpy()
             expected = served.encode([query], normalize_embeddings=True)[0]
             np.testing.assert_allclose(vector, expected, atol=1e-5)
+
+
+def test_the_router_comment_says_why_a_threshold_is_not_certified_and_how_close_it_came() -> None:
+    best = {"threshold": 0.822, "right_hits": 95, "hits": 114, "precision_lower_bound": 0.765}
+    nothing = {"threshold": 0.998, "right_hits": 0, "hits": 0, "precision_lower_bound": 0.0, "certified": False}
+    pooled = export.guarantee({**nothing, "best": best}, 0.95)
+    assert "NOT certified" in pooled and "precision >= 0.765 at 0.822 (95/114 right)" in pooled
+    alone = export.guarantee({**nothing, "fallback": "all", "best": best}, 0.95)
+    assert "not certified alone: the pooled threshold" in alone and "0.765 at 0.822" in alone
+    assert "too few" not in alone  # hundreds of lookups: the reason is wrong hits, not a small sample
+    certified = {"threshold": 0.7, "right_hits": 150, "hits": 153, "precision_lower_bound": 0.95, "certified": True}
+    assert export.guarantee(certified, 0.95) == "150/153 hits right: precision >= 0.950 at 95% confidence"

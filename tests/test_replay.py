@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from cachelora.calibration import precision_lower_bound
 from cachelora.replay import Replay
 
 
@@ -82,3 +83,22 @@ def test_a_certified_threshold_is_plain_json():
 
     found = Replay(np.linspace(0.99, 0.5, 80), np.ones(80, dtype=bool)).certified_threshold(0.95)
     assert json.loads(json.dumps(found)) == found
+
+
+def test_an_uncertified_threshold_says_how_close_the_best_one_came():
+    """Wrong hits at the top (near-misses worded like the query): nothing certifies, and ``best`` is the
+    highest bound any threshold reached, with its counts, while the shipped threshold hits nothing."""
+    top1 = np.linspace(0.99, 0.5, 200)
+    correct = np.ones(200, dtype=bool)
+    correct[[0, 2, 5, 9, 14, 20]] = False
+    found = Replay(top1, correct).certified_threshold(0.95)
+    assert not found["certified"] and found["hits"] == 0 and found["threshold"] > top1.max()
+    bounds = [precision_lower_bound(int(correct[: k + 1].sum()), k + 1) for k in range(200)]
+    best = int(np.argmax(bounds))
+    assert found["best"] == {
+        "threshold": float(top1[best]),
+        "right_hits": int(correct[: best + 1].sum()),
+        "hits": best + 1,
+        "precision_lower_bound": round(bounds[best], 6),
+    }
+    assert 0.9 < found["best"]["precision_lower_bound"] < 0.95

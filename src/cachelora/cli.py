@@ -278,7 +278,7 @@ def calibrate(log: Path, out: Path, target: float) -> None:
         " at 95 % confidence)"
     )
     for domain, found in calibration["per_domain"].items():
-        note = ", the pooled threshold: too few re-asks to certify alone" if found.get("fallback") else ""
+        note = ", the pooled threshold: this domain cannot certify alone" if found.get("fallback") else ""
         click.echo(
             f"  {domain}: {found['threshold']:.2f} ({found['right_hits']}/{found['hits']}, >= "
             f"{found['precision_lower_bound']:.3f}{note})"

@@ -330,7 +330,7 @@ def calibrated_thresholds(natural_dev: dict[str, Scored], target_precision: floa
     on cache-replay hit precision reaches ``target_precision``, with its counts and bound. ``all``: the
     same over every domain's lookups together, each domain replayed in its own cache as the router
     partitions them (the global threshold); a domain that cannot certify the target alone takes it
-    (``fallback``, with the domain's own counts there)."""
+    (``fallback``, with the domain's own counts there, and the ``best`` bound it reached alone)."""
     domains = {g: s.replay for g, s in natural_dev.items() if g != ALL}
     partitions = list(domains.values()) or [natural_dev[ALL].replay]  # rows without domains: one cache
     pooled = Replay(
@@ -340,7 +340,7 @@ def calibrated_thresholds(natural_dev: dict[str, Scored], target_precision: floa
     for group, replay in domains.items():
         own = replay.certified_threshold(target_precision)
         if not own["certified"]:
-            own = fallback(pooled["threshold"], *replay.counts(pooled["threshold"]), ALL)
+            own = {**fallback(pooled["threshold"], *replay.counts(pooled["threshold"]), ALL), "best": own["best"]}
         found[group] = own
     return found
 

@@ -152,9 +152,16 @@ def guarantee(found: dict[str, Any], confidence: float) -> str:
         f"{found['right_hits']}/{found['hits']} hits right: precision >= {found['precision_lower_bound']:.3f}"
         f" at {confidence:.0%} confidence"
     )
+    best = found.get("best")
+    closest = (
+        f"; the best any threshold reached here: precision >= {best['precision_lower_bound']:.3f} at"
+        f" {best['threshold']:.3f} ({best['right_hits']}/{best['hits']} right)"
+        if best
+        else ""
+    )
     if not found.get("certified") and not found.get("fallback"):
-        return said + " (NOT certified: the target is not met here)"
-    return said + (" (too few here to certify alone: the pooled threshold)" if found.get("fallback") else "")
+        return said + f" (NOT certified: the target is not met here{closest})"
+    return said + (f" (not certified alone: the pooled threshold{closest})" if found.get("fallback") else "")
 
 
 def calibrated_thresholds(calibration: dict[str, Any], source: str) -> dict[str, Any]:

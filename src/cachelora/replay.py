@@ -16,6 +16,7 @@ import numpy as np
 from cachelora.calibration import CONFIDENCE, certify
 
 GRID = np.round(np.linspace(0.0, 1.0, 101), 4)
+BEST_KEYS = ("threshold", "right_hits", "hits", "precision_lower_bound")
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,8 @@ class Replay:
     def certified_threshold(self, target_precision: float, confidence: float = CONFIDENCE) -> dict[str, Any]:
         """The lowest threshold whose one-sided Clopper-Pearson lower bound on hit precision reaches
         ``target_precision`` (at ``confidence``), with its right hits, hits and bound; when none does,
-        a threshold above every lookup (nothing hits) and ``certified`` False."""
+        a threshold above every lookup (nothing hits), ``certified`` False and the ``best`` bound any
+        threshold reached (how far the data is from the target)."""
         order = np.argsort(-self.top1, kind="stable")
         sims, right = self.top1[order], np.cumsum(self.correct[order])
         last_of_tie = np.r_[sims[1:] != sims[:-1], True]  # a threshold admits every tied lookup at once
@@ -88,7 +90,9 @@ class Replay:
         found = certify(points, target_precision, confidence) if points else {"certified": False}
         if not found["certified"]:
             above = float(np.nextafter(sims[0], np.inf)) if sims.size else 1.0
-            return {"threshold": above, "right_hits": 0, "hits": 0, "precision_lower_bound": 0.0, "certified": False}
+            best = {k: found[k] for k in BEST_KEYS} if points else None
+            nothing = {"threshold": above, "right_hits": 0, "hits": 0, "precision_lower_bound": 0.0}
+            return {**nothing, "certified": False, "best": best}
         return found
 
     def curve(self, grid: np.ndarray = GRID) -> list[dict[str, float]]:

@@ -377,6 +377,9 @@ def deploy_table(params: Params) -> Table:
         found = deploy["guarantee"][g]
         held = deploy[DEPLOY_CALIBRATED_SETS[-1]] if g == ALL else deploy["per_domain"][g][DEPLOY_CALIBRATED_SETS[-1]]
         certified = "yes" if found["certified"] else ("no: all's threshold" if found.get("fallback") else "no")
+        if found.get("best"):
+            best = found["best"]
+            certified += f" (best: >= {best['precision_lower_bound']:.3f} at {best['threshold']:.3f})"
         yardstick = _hindsight_cells(deploy, g)
         rows.append(
             (
