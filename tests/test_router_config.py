@@ -122,3 +122,15 @@ def test_each_threshold_says_what_the_router_alone_does_with_near_misses() -> No
     snippet = semantic_router_snippet("multi", thresholds)
     assert "router alone on traffic test: re-ask hit rate 0.690, near-miss wrong-hit rate 0.920" in snippet
     add_router_alone(thresholds, None, "multi")  # no traffic stage: nothing to add, nothing breaks
+
+
+def test_a_fragment_whose_thresholds_certify_nothing_says_the_cache_will_hardly_answer() -> None:
+    nothing = {"threshold": 0.998, "right_hits": 0, "hits": 0, "precision_lower_bound": 0.0, "certified": False}
+    uncertified = copy.deepcopy(THRESHOLDS)
+    for entry in (uncertified["global"], *uncertified["per_domain"].values()):
+        entry["guarantee"] = nothing
+    said = semantic_router_snippet("medical", {**uncertified, "confidence": 0.95})
+    assert "NO threshold below certified the target precision" in said and "will serve some near-misses" not in said
+    uncertified["per_domain"]["law"]["guarantee"] = {**nothing, "hits": 80, "right_hits": 80, "certified": True}
+    said = semantic_router_snippet("medical", {**uncertified, "confidence": 0.95})
+    assert "NO threshold" not in said and "will serve some near-misses" in said

@@ -100,7 +100,18 @@ def semantic_router_snippet(model: str, thresholds: dict[str, Any]) -> str:
         "# scope: global caches across users (the router's default, user, skips requests without a user id).",
         "# The router does not run cachelora's verifier or its rival check (the export's verifier/ folder and",
         "# cache_config.json's verifier block);",
-        "# with these embedding thresholds alone it will serve some near-misses (same words, another answer).",
+        *(
+            [
+                "# NO threshold below certified the target precision: each sits above every lookup it was",
+                "# calibrated on, so the router's cache will hardly ever answer. The embedding alone does not",
+                "# tell a re-ask from a near-miss worded like it (same words, another answer; the best bound",
+                "# any threshold reached is beside each one); cachelora's two-stage lookup with the verifier does.",
+            ]
+            if not any(_certified(e) for e in (g, *thresholds["per_domain"].values()))
+            else [
+                "# with these embedding thresholds alone it will serve some near-misses (same words, another answer)."
+            ]
+        ),
         "# Its own response_cache.polarity_guard (an NLI model of the router's, not measured here) is left off.",
         "global:",
         "  stores:",
@@ -128,6 +139,13 @@ def semantic_router_snippet(model: str, thresholds: dict[str, Any]) -> str:
             f"              similarity_threshold: {entry['threshold']:.4f}",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _certified(entry: dict[str, Any]) -> bool:
+    """False only for a threshold whose calibration (natural dev, or a user's log) did not certify the
+    target; a val-chosen threshold states no bound and counts as True."""
+    found = entry.get("guarantee") or entry.get("calibration")
+    return found is None or bool(found.get("certified"))
 
 
 ROUTER_ALONE = "router_alone_traffic_test"  # the embedding thresholds alone on traffic test (no verifier)
