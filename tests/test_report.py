@@ -55,3 +55,33 @@ def test_a_reference_scored_outside_the_pipeline_is_cited_from_the_benchmarks_fi
     assert report._outside(inside) == [] and report._references(inside, []) == ["big", "other"]
     assert report._source("big", "traffic", []) == (report.TRAFFIC, "models.big")
     assert report._source("big", "traffic_cost", []) == (report.TRAFFIC_COST, "models.big")
+
+
+def test_the_deploy_table_says_when_nothing_hits_how_close_certification_came_and_the_hindsight_share(
+    tmp_path, monkeypatch
+):
+    from cachelora import report
+    from tests.conftest import tiny_params
+
+    params = tiny_params()
+    figures = {s: {"hit_rate": 0.0, "hit_precision": 1.0} for s in ("test", "natural_dev", "natural_test")}
+    best = {"threshold": 0.82, "right_hits": 95, "hits": 114, "precision_lower_bound": 0.765}
+    nothing = {"threshold": 0.998, "right_hits": 0, "hits": 0, "precision_lower_bound": 0.0, "certified": False}
+    groups = [*params.domains, "all"]
+    deploy = {
+        "model": "medical",
+        "chosen_on": "traffic_dev",
+        **figures,
+        "per_domain": {d: figures for d in params.domains},
+        "guarantee": {g: {**nothing, "best": best} for g in groups},
+        "hindsight": {g: {"hit_rate": 0.667, "shipped_share": 0.0} for g in groups},
+    }
+    deploy["hindsight"]["all"]["shipped_share"] = None  # nothing reaches the target in hindsight either
+    source = tmp_path / "eval.json"
+    source.write_text(json.dumps({"deploy": deploy, "target_precision": 0.95}))
+    monkeypatch.setattr(report, "EVAL", source)
+    table = report.deploy_table(params)
+    rows = {row[0]: row for row in table.render_rows({})}
+    first = rows[params.domains[0]]
+    assert "yes (nothing hits)" in first and "no (best: >= 0.765 at 0.820)" in first
+    assert first[-2:] == ["0.667", "0.00"] and rows["all"][-1] == "-"

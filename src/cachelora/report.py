@@ -390,7 +390,8 @@ def deploy_table(params: Params) -> Table:
                 Cell(EVAL, f"deploy.guarantee.{g}.precision_lower_bound", ".3f"),
                 certified,
                 *figures,
-                "yes" if held["hit_precision"] >= target else "NO",
+                ("yes" if held["hit_precision"] >= target else "NO")
+                + (" (nothing hits)" if not held["hit_rate"] else ""),
                 *yardstick,
             )
         )
